@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Single-node launcher: one trainer process per GPU (or per CPU slot on a CPU box).
+#
+#   launch/torchrun.sh NPROC [hydra overrides...]
+#   launch/torchrun.sh 8 model=rexmoe_2.3b run.dir=runs/2p3b
+#
+# Env: OMP_NUM_THREADS, MASTER_PORT (both optional, see below); PYTHON picks the
+# interpreter (default: `torchrun` from PATH, else `python -m torch.distributed.run`).
+set -euo pipefail
+
+usage="usage: $0 NPROC [hydra overrides...]  (NPROC: processes on this node, a positive integer)"
+if [[ $# -lt 1 ]]; then
+    echo "$usage" >&2
+    exit 2
+fi
+case "$1" in
+    -h | --help) echo "$usage"; exit 0 ;;
+esac
+if ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
+    echo "$usage" >&2
+    exit 2
+fi
+nproc_per_node=$1
+shift
+
+# WHY: every rank runs its own intra-op thread pool; left alone each one sizes itself to
+# all cores, so N ranks oversubscribe the CPU N-fold (torchrun would force 1, which starves
+# the CPU/gloo path and data loading). Split the cores this process may use evenly.
+if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+    cores=$(nproc)  # honours the CPU affinity mask (taskset, cgroup cpusets)
+    threads=$((cores / nproc_per_node))
+    OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
+    export OMP_NUM_THREADS
+fi
+
+# Port choice. --standalone makes torchrun bind a free port itself (race-free) and export it
+# to the workers as MASTER_PORT, so two jobs on one node never collide on the default 29500;
+# it would silently ignore a MASTER_PORT from the environment, though. When the caller pins
+# MASTER_PORT (firewalled node, a port reserved by the scheduler), honour it with the static
+# single-node rendezvous instead, which hands exactly that port to the workers.
+if [[ -n ${MASTER_PORT:-} ]]; then
+    rendezvous=(--nnodes 1 --node-rank 0 --master-addr "${MASTER_ADDR:-127.0.0.1}"
+        --master-port "$MASTER_PORT")
+else
+    rendezvous=(--standalone)
+fi
+
+# WHY the interpreter dance: torchrun starts the workers with its own interpreter, so an
+# explicit PYTHON (a venv) must run the launcher module too, not whatever torchrun is on PATH.
+if [[ -n ${PYTHON:-} ]]; then
+    launcher=("$PYTHON" -m torch.distributed.run)
+elif command -v torchrun >/dev/null 2>&1; then
+    launcher=(torchrun)
+else
+    launcher=(python -m torch.distributed.run)
+fi
+
+exec "${launcher[@]}" "${rendezvous[@]}" --nproc-per-node "$nproc_per_node" \
+    -m rexmoe_train.cli.train "$@"

@@ -1,0 +1,383 @@
+"""Typed configuration: the composed Hydra config is turned into these dataclasses and validated
+before anything is built, so a bad value fails in one line instead of deep inside megatron.
+
+Field names follow Megatron-LM where one exists (``num_layers``, ``moe_router_topk``,
+``expert_model_parallel_size``...). The ``rexmoe`` block holds what the method adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message is one line naming the field and what is allowed."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config error: {path}={value!r}: {allowed}")
+
+
+def _one_of(path: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        _fail(path, value, "must be one of " + ", ".join(map(str, options)))
+
+
+def _at_least(path: str, value: Any, low: float) -> None:
+    if value < low:
+        _fail(path, value, f"must be >= {low}")
+
+
+GATINGS = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
+PSR_SCHEDULES = ("linear", "stepwise", "cosine", "none")
+PSR_MASK_ON = ("scores", "logits")
+BALANCE_SCOPES = ("micro_batch", "global_batch")
+DISPATCHERS = ("alltoall", "allgather")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class PSRConfig:
+    """Progressive scaling routing: candidates grow from N (t <= start_step) to r*N (t >= end_step)."""
+
+    schedule: str = "linear"  # linear | stepwise | cosine | none (all r*N candidates from step 1)
+    start_step: int = 0
+    end_step: int = 1
+    mask_on: str = "scores"  # scores: zero post-softmax scores (paper); logits: -inf before softmax
+    protect_local: bool = False  # keep a layer's own N experts always available
+    seed: Optional[int] = None  # mask seed; defaults to train.seed
+
+    def validate(self, path: str = "rexmoe.psr") -> None:
+        _one_of(f"{path}.schedule", self.schedule, PSR_SCHEDULES)
+        _one_of(f"{path}.mask_on", self.mask_on, PSR_MASK_ON)
+        _at_least(f"{path}.start_step", self.start_step, 0)
+        if self.schedule != "none" and self.end_step <= self.start_step:
+            _fail(f"{path}.end_step", self.end_step, f"must be > {path}.start_step ({self.start_step})")
+
+
+@dataclass
+class BalanceConfig:
+    """Load balancing. Coefficient 0 disables a term."""
+
+    layer_aux_coeff: float = 1e-2  # per-layer switch loss over the layer's r*N candidates
+    layer_aux_scope: str = "micro_batch"  # micro_batch | global_batch (counts over the step and DP)
+    group_aux_coeff: float = 0.0  # group-pooled switch loss over each physical expert's load
+    group_aux_scope: str = "micro_batch"
+    z_loss_coeff: float = 1e-3  # router z-loss (0 disables)
+
+    def validate(self, path: str = "rexmoe.balance") -> None:
+        for name in ("layer_aux_coeff", "group_aux_coeff", "z_loss_coeff"):
+            _at_least(f"{path}.{name}", getattr(self, name), 0.0)
+        _one_of(f"{path}.layer_aux_scope", self.layer_aux_scope, BALANCE_SCOPES)
+        _one_of(f"{path}.group_aux_scope", self.group_aux_scope, BALANCE_SCOPES)
+
+
+@dataclass
+class ReXMoEConfig:
+    reuse_group_size: int = 1  # r; 1 is vanilla MoE
+    allow_partial_last_group: bool = False
+    gating: str = "softmax_then_topk"
+    psr: PSRConfig = field(default_factory=PSRConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def validate(self, path: str = "rexmoe") -> None:
+        _at_least(f"{path}.reuse_group_size", self.reuse_group_size, 1)
+        _one_of(f"{path}.gating", self.gating, GATINGS)
+        self.psr.validate(f"{path}.psr")
+        self.balance.validate(f"{path}.balance")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = MHA
+    ffn_hidden_size: Optional[int] = None  # dense layers (first_k_dense_layers); default 4*hidden
+    num_moe_experts: int = 8  # N: experts owned by each MoE layer
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int = 256
+    moe_shared_expert_intermediate_size: Optional[int] = None  # total size of the shared experts
+    first_k_dense_layers: int = 0
+    normalization: str = "RMSNorm"
+    rotary_base: int = 10000
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = True
+    vocab_size: Optional[int] = None  # None: from the tokenizer
+    make_vocab_size_divisible_by: int = 64
+    max_position_embeddings: Optional[int] = None  # None: train.seq_length
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense_layers
+
+    def validate(self, path: str = "model") -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_moe_experts",
+                     "moe_router_topk", "moe_ffn_hidden_size"):
+            _at_least(f"{path}.{name}", getattr(self, name), 1)
+        if self.hidden_size % self.num_attention_heads:
+            _fail(f"{path}.hidden_size", self.hidden_size,
+                  f"must be divisible by {path}.num_attention_heads ({self.num_attention_heads})")
+        if self.num_query_groups is not None and (
+            self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups
+        ):
+            _fail(f"{path}.num_query_groups", self.num_query_groups,
+                  f"must be >= 1 and divide {path}.num_attention_heads ({self.num_attention_heads})")
+        if self.moe_router_topk > self.num_moe_experts:
+            # PSR starts every router with its own N candidates, so k <= N is what must hold.
+            _fail(f"{path}.moe_router_topk", self.moe_router_topk,
+                  f"must be <= the candidates available at step 0, {path}.num_moe_experts "
+                  f"({self.num_moe_experts})")
+        if not 0 <= self.first_k_dense_layers < self.num_layers:
+            _fail(f"{path}.first_k_dense_layers", self.first_k_dense_layers,
+                  f"must be in [0, {path}.num_layers) = [0, {self.num_layers})")
+        if self.moe_shared_expert_intermediate_size is not None:
+            _at_least(f"{path}.moe_shared_expert_intermediate_size",
+                      self.moe_shared_expert_intermediate_size, 1)
+        _one_of(f"{path}.normalization", self.normalization, NORMALIZATIONS)
+        _at_least(f"{path}.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (megatron requires it with MoE)
+    use_distributed_optimizer: bool = False
+    moe_token_dispatcher_type: str = "alltoall"
+
+    def validate(self, path: str = "parallel") -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "expert_tensor_parallel_size"):
+            _at_least(f"{path}.{name}", getattr(self, name), 1)
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _at_least(f"{path}.virtual_pipeline_model_parallel_size",
+                      self.virtual_pipeline_model_parallel_size, 2)
+            if self.pipeline_model_parallel_size < 2:
+                _fail(f"{path}.virtual_pipeline_model_parallel_size",
+                      self.virtual_pipeline_model_parallel_size,
+                      f"needs {path}.pipeline_model_parallel_size >= 2")
+        _one_of(f"{path}.moe_token_dispatcher_type", self.moe_token_dispatcher_type, DISPATCHERS)
+        if self.sequence_parallel is False and self.tensor_model_parallel_size > 1:
+            _fail(f"{path}.sequence_parallel", False,
+                  "must be true (or null) when tensor_model_parallel_size > 1: megatron MoE needs it")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    train_iters: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seq_length: int = 256
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_warmup_iters: int = 20
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: Optional[bool] = None  # None: the platform default (bf16 on GPU, fp32 on CPU)
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_iters: int = 4  # validation micro-batches per evaluation (per data-parallel rank)
+
+    def validate(self, path: str = "train") -> None:
+        for name in ("train_iters", "global_batch_size", "micro_batch_size", "seq_length",
+                     "log_interval", "eval_interval", "eval_iters"):
+            _at_least(f"{path}.{name}", getattr(self, name), 1)
+        if self.lr <= 0:
+            _fail(f"{path}.lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail(f"{path}.min_lr", self.min_lr, f"must be in [0, {path}.lr] = [0, {self.lr}]")
+        if not 0 <= self.lr_warmup_iters < self.train_iters:
+            _fail(f"{path}.lr_warmup_iters", self.lr_warmup_iters,
+                  f"must be in [0, {path}.train_iters) = [0, {self.train_iters})")
+        _one_of(f"{path}.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.lr_warmup_iters:
+            _fail(f"{path}.lr_decay_iters", self.lr_decay_iters,
+                  f"must be > {path}.lr_warmup_iters ({self.lr_warmup_iters})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"{path}.{name}", getattr(self, name), "must be in [0, 1)")
+        _at_least(f"{path}.clip_grad", self.clip_grad, 0.0)
+        _at_least(f"{path}.weight_decay", self.weight_decay, 0.0)
+        if self.global_batch_size % self.micro_batch_size:
+            _fail(f"{path}.global_batch_size", self.global_batch_size,
+                  f"must be a multiple of {path}.micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded: the Python standard library's sources, byte tokenizer
+    valid_fraction: float = 0.02
+    max_bytes: Optional[int] = None  # cap on the embedded corpus (whole documents)
+
+    def validate(self, path: str = "data") -> None:
+        _one_of(f"{path}.source", self.source, ("embedded",))
+        if not 0 < self.valid_fraction < 1:
+            _fail(f"{path}.valid_fraction", self.valid_fraction, "must be in (0, 1)")
+        if self.max_bytes is not None:
+            _at_least(f"{path}.max_bytes", self.max_bytes, 1)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    project: str = "rexmoe"
+    name: Optional[str] = None
+
+    def validate(self, path: str = "run.wandb") -> None:
+        _one_of(f"{path}.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, path: str = "run") -> None:
+        if not self.dir:
+            _fail(f"{path}.dir", self.dir, "must be a non-empty path")
+        self.wandb.validate(f"{path}.wandb")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rexmoe: ReXMoEConfig = field(default_factory=ReXMoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> "ExperimentConfig":
+        """Check every field and the cross-field rules. ``world_size`` adds the layout checks."""
+        self.model.validate()
+        self.rexmoe.validate()
+        self.parallel.validate()
+        self.train.validate()
+        self.data.validate()
+        self.run.validate()
+        m, r, p = self.model, self.rexmoe, self.parallel
+        if m.num_moe_layers % r.reuse_group_size and not r.allow_partial_last_group:
+            _fail("rexmoe.reuse_group_size", r.reuse_group_size,
+                  f"must divide the MoE layer count ({m.num_moe_layers} = model.num_layers - "
+                  f"model.first_k_dense_layers), or set rexmoe.allow_partial_last_group=true")
+        if r.reuse_group_size > m.num_moe_layers:
+            _fail("rexmoe.reuse_group_size", r.reuse_group_size,
+                  f"must be <= the MoE layer count ({m.num_moe_layers})")
+        if m.num_moe_experts % p.expert_model_parallel_size:
+            _fail("parallel.expert_model_parallel_size", p.expert_model_parallel_size,
+                  f"must divide model.num_moe_experts ({m.num_moe_experts})")
+        heads_kv = m.num_query_groups or m.num_attention_heads
+        if heads_kv % p.tensor_model_parallel_size:
+            _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
+                  f"must divide the attention query groups ({heads_kv})")
+        if self.train.seq_length % p.tensor_model_parallel_size:
+            _fail("train.seq_length", self.train.seq_length,
+                  "must be divisible by parallel.tensor_model_parallel_size (sequence parallelism)")
+        from rexmoe_train.model.reuse import ReusePlan  # local: keeps config import light
+
+        ReusePlan.from_config(self).check_pipeline_split(
+            p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+        )
+        if world_size is not None:
+            self.validate_layout(world_size)
+        return self
+
+    def validate_layout(self, world_size: int) -> None:
+        p, t = self.parallel, self.train
+        model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
+                  f"tp*pp ({model_parallel}) must divide the world size ({world_size})")
+        expert_parallel = (p.expert_tensor_parallel_size * p.expert_model_parallel_size
+                           * p.pipeline_model_parallel_size)
+        if world_size % expert_parallel:
+            _fail("parallel.expert_model_parallel_size", p.expert_model_parallel_size,
+                  f"etp*ep*pp ({expert_parallel}) must divide the world size ({world_size})")
+        dp = world_size // model_parallel
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            _fail("train.global_batch_size", t.global_batch_size,
+                  f"must be a multiple of train.micro_batch_size * data-parallel size "
+                  f"({t.micro_batch_size} * {dp})")
+        if p.virtual_pipeline_model_parallel_size and (
+            t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline_model_parallel_size:
+            _fail("train.global_batch_size", t.global_batch_size,
+                  "the number of micro-batches must be a multiple of "
+                  "parallel.pipeline_model_parallel_size with interleaving")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    @property
+    def psr_seed(self) -> int:
+        return self.train.seed if self.rexmoe.psr.seed is None else self.rexmoe.psr.seed
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclasses, with type checks that name the field
+# --------------------------------------------------------------------------------------------------
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, value, options[0])
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            _fail(path, value, f"must be a mapping of {annotation.__name__} fields")
+        return from_dict(annotation, value, path)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, value, "must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, value, "must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            _fail(path, value, "must be a string")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict; unknown keys and wrong types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(
+                f"config error: unknown field {where!r}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        kwargs[key] = _coerce(where, value, hints[key])
+    return cls(**kwargs)
+
+
+def experiment_from_dict(data: dict) -> ExperimentConfig:
+    return from_dict(ExperimentConfig, data)

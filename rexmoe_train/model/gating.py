@@ -1,0 +1,70 @@
+"""Gate functions: router logits (+ the PSR availability mask) -> top-k probabilities.
+
+Pure tensor code in candidate order, shared by the router and the kernel tests' oracle. The three
+gatings match megatron-core's `topk_routing_with_score_function` op for op when nothing is masked, so
+r = 1 is exactly vanilla megatron MoE:
+
+- ``softmax_then_topk`` (paper; megatron ``moe_router_pre_softmax=True``): softmax over all candidates,
+  keep the top-k scores, no renormalisation.
+- ``topk_then_softmax`` (megatron default): top-k logits, softmax over those k.
+- ``sigmoid``: sigmoid scores, top-k, renormalised over the k when k > 1.
+
+PSR masking (spec §3): ``mask_on="scores"`` zeroes masked candidates' post-softmax scores before
+top-k (the paper: the kept scores are NOT renormalised over the available candidates);
+``mask_on="logits"`` sets masked logits to -inf before the score function. For top-k-then-softmax the
+two coincide (masked candidates are simply never selected).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class GateOutput(NamedTuple):
+    probs: torch.Tensor  # [T, C] gate weights, zero off the top-k
+    routing_map: torch.Tensor  # [T, C] bool, exactly k True per row
+    aux_scores: torch.Tensor  # [T, C] fp32 scores for the balance loss (rows sum to <= 1)
+
+
+def gate(
+    logits: torch.Tensor,
+    topk: int,
+    gating: str,
+    allowed: Optional[torch.Tensor] = None,
+    mask_on: str = "scores",
+) -> GateOutput:
+    """``logits`` [T, C]; ``allowed`` bool [C] (None: all available)."""
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
+    blocked = None if allowed is None else ~allowed.to(logits.device)
+    if blocked is not None and mask_on == "logits":
+        logits = logits.masked_fill(blocked, float("-inf"))
+
+    if gating == "softmax_then_topk":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, 0.0)
+        top_probs, top_idx = torch.topk(scores, k=topk, dim=1)
+        aux_scores = scores.float()
+    elif gating == "topk_then_softmax":
+        selectable = logits if blocked is None else logits.masked_fill(blocked, float("-inf"))
+        top_logits, top_idx = torch.topk(selectable, k=topk, dim=1)
+        top_probs = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)
+        aux_scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if blocked is not None:
+            aux_scores = aux_scores.masked_fill(blocked, 0.0)
+    elif gating == "sigmoid":
+        scores = torch.sigmoid(logits.float()).type_as(logits)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, 0.0)
+        top_scores, top_idx = torch.topk(scores, k=topk, dim=1)
+        top_probs = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else top_scores
+        aux_scores = scores.float() / (scores.float().sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"gating must be softmax_then_topk, topk_then_softmax or sigmoid, got {gating!r}")
+
+    probs = torch.zeros_like(logits).scatter(1, top_idx, top_probs)
+    routing_map = torch.zeros_like(logits).int().scatter(1, top_idx, 1).bool()
+    return GateOutput(probs, routing_map, aux_scores)

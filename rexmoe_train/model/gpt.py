@@ -1,0 +1,165 @@
+"""Build the ReXMoE GPT model on megatron-core's GPTModel (local spec).
+
+The model is megatron's GPTModel; ReXMoE is only (a) the per-layer spec of MoE layers
+(ReXMoELayer) and (b) the expert banks registered on each model chunk. Parallel layout comes from
+megatron's parallel_state, initialised before this is called (parallel/state.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from rexmoe_train import platform
+from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.model.experts import ExpertBanks
+from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer
+from rexmoe_train.model.psr import PSRState
+from rexmoe_train.model.reuse import ReusePlan
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def use_bf16(cfg: ExperimentConfig) -> bool:
+    return platform.default_dtype() == torch.bfloat16 if cfg.train.bf16 is None else cfg.train.bf16
+
+
+def transformer_config(cfg: ExperimentConfig) -> TransformerConfig:
+    m, p, r = cfg.model, cfg.parallel, cfg.rexmoe
+    bf16 = use_bf16(cfg)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tp = p.tensor_model_parallel_size
+    with warnings.catch_warnings():
+        # megatron 0.16 warns about its own default cuda_graph_scope on every construction
+        warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+        return _transformer_config(cfg, m, p, r, bf16, dtype, tp)
+
+
+def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        init_method_std=m.init_method_std,
+        normalization=m.normalization,
+        gated_linear_unit=True,  # SwiGLU experts and dense MLPs, as the paper's Megatron-LM setup
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # MoE: the model-level config is the vanilla layer (N experts); ReXMoELayer widens its copy.
+        num_moe_experts=m.num_moe_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_router_pre_softmax=r.gating == "softmax_then_topk",
+        moe_router_score_function="sigmoid" if r.gating == "sigmoid" else "softmax",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=r.balance.z_loss_coeff or None,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=p.moe_token_dispatcher_type,
+        moe_grouped_gemm=False,
+        # parallelism
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        sequence_parallel=tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        **platform.transformer_config_overrides(),
+    )
+
+
+@dataclass
+class ReXMoEModel:
+    """The model chunks of this rank (one per virtual pipeline stage) and their ReXMoE contexts."""
+
+    chunks: list[GPTModel]
+    contexts: list[ReXMoEContext]
+    config: TransformerConfig
+    psr_state: PSRState
+    vocab_size: int
+
+    @property
+    def routers(self) -> list:
+        return [router for ctx in self.contexts for router in ctx.routers]
+
+
+def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpec]:
+    """One spec per transformer layer of the whole model (dense first-k, then ReXMoE layers).
+
+    Each MoE layer gets its own spec carrying its MoE index: megatron tells an MLP its layer number
+    only after construction, but the router's width and the bank depend on the layer's group."""
+    norm = cfg.model.normalization
+    dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
+    moe_template = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
+                                            moe_grouped_gemm=False, normalization=norm)
+    plan = context.plan
+    specs = []
+    for layer_number in range(1, cfg.model.num_layers + 1):
+        if not plan.is_moe_layer(layer_number):
+            specs.append(dense)
+            continue
+        moe = copy.deepcopy(moe_template)
+        moe.submodules.mlp = ModuleSpec(
+            module=ReXMoELayer,
+            params={"context": context, "moe_layer": plan.moe_index(layer_number)},
+            submodules=moe.submodules.mlp.submodules)
+        specs.append(moe)
+    return specs
+
+
+def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRState] = None) -> ReXMoEModel:
+    """Build this rank's model chunks. parallel_state must be initialised."""
+    tc = transformer_config(cfg)
+    plan = ReusePlan.from_config(cfg)
+    psr_state = psr_state or PSRState(cfg.psr_seed)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
+    chunks, contexts = [], []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        context = ReXMoEContext(plan=plan, rexmoe=cfg.rexmoe, psr_state=psr_state, banks=ExpertBanks(tc))
+        specs = layer_specs(cfg, context)
+        offset = get_transformer_layer_offset(tc, vp_stage=stage)
+        count = get_num_layers_to_build(tc, vp_stage=stage)
+        block = TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
+                                           layer_norm=specs[0].submodules.input_layernorm)
+        model = GPTModel(
+            config=tc,
+            transformer_layer_spec=block,
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings or cfg.train.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        model.expert_banks = context.banks  # registered once, outside the layer stack
+        chunks.append(model)
+        contexts.append(context)
+    return ReXMoEModel(chunks, contexts, tc, psr_state, padded)

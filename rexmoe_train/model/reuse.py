@@ -1,0 +1,114 @@
+"""Reuse groups: which MoE layers share a candidate pool, and what each candidate is.
+
+Indexing (spec §2): MoE layers are numbered from 0 in model order, dense layers excluded. Group g is
+MoE layers [g*r, (g+1)*r) (the last group may be smaller with ``allow_partial_last_group``).
+Candidate c of any router in group g is expert ``c % N`` owned by MoE layer ``g*r + c // N``. Every
+router of a group sees the same candidate space, so candidate c *is* a physical expert of the group:
+this is what lets group-pooled balancing simply add the routers' per-candidate loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from rexmoe_train.config.schema import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class ReuseGroup:
+    index: int
+    first_moe_layer: int
+    size: int  # r for full groups
+    experts_per_layer: int  # N
+
+    @property
+    def num_candidates(self) -> int:
+        return self.size * self.experts_per_layer
+
+    @property
+    def moe_layers(self) -> range:
+        return range(self.first_moe_layer, self.first_moe_layer + self.size)
+
+    def candidate(self, c: int) -> tuple[int, int]:
+        """Candidate index -> (owner MoE layer, expert index within the owner)."""
+        if not 0 <= c < self.num_candidates:
+            raise IndexError(f"candidate {c} outside [0, {self.num_candidates}) of group {self.index}")
+        return self.first_moe_layer + c // self.experts_per_layer, c % self.experts_per_layer
+
+    def local_candidates(self, moe_layer: int) -> range:
+        """The candidates a layer owns itself (its vanilla experts)."""
+        j = moe_layer - self.first_moe_layer
+        return range(j * self.experts_per_layer, (j + 1) * self.experts_per_layer)
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    num_layers: int  # all transformer layers
+    first_k_dense_layers: int
+    reuse_group_size: int
+    experts_per_layer: int
+    allow_partial_last_group: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: "ExperimentConfig") -> "ReusePlan":
+        return cls(
+            num_layers=cfg.model.num_layers,
+            first_k_dense_layers=cfg.model.first_k_dense_layers,
+            reuse_group_size=cfg.rexmoe.reuse_group_size,
+            experts_per_layer=cfg.model.num_moe_experts,
+            allow_partial_last_group=cfg.rexmoe.allow_partial_last_group,
+        )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense_layers
+
+    @property
+    def groups(self) -> list[ReuseGroup]:
+        r, n = self.reuse_group_size, self.num_moe_layers
+        return [ReuseGroup(g, start, min(r, n - start), self.experts_per_layer)
+                for g, start in enumerate(range(0, n, r))]
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """``layer_number`` is megatron's global 1-based transformer layer number."""
+        return layer_number > self.first_k_dense_layers
+
+    def moe_index(self, layer_number: int) -> int:
+        if not self.is_moe_layer(layer_number):
+            raise ValueError(f"layer {layer_number} is dense (first_k_dense_layers="
+                             f"{self.first_k_dense_layers})")
+        return layer_number - 1 - self.first_k_dense_layers
+
+    def group_of(self, moe_layer: int) -> ReuseGroup:
+        return self.groups[moe_layer // self.reuse_group_size]
+
+    def check_pipeline_split(self, pp: int, vpp: Optional[int] = None) -> None:
+        """All layers of a group must live in one model chunk: an expert split across pipeline stages
+        would need its gradient synchronised across stages. Megatron splits layers evenly over
+        pp * vpp chunks; every chunk boundary must fall on a group boundary."""
+        from rexmoe_train.config.schema import ConfigError
+
+        chunks = pp * (vpp or 1)
+        if chunks == 1:
+            return
+        if self.num_layers % chunks:
+            raise ConfigError(
+                f"config error: model.num_layers={self.num_layers}: must be divisible by "
+                f"pipeline_model_parallel_size * virtual_pipeline_model_parallel_size ({chunks})")
+        per_chunk = self.num_layers // chunks
+        for chunk in range(1, chunks):
+            boundary = chunk * per_chunk  # first layer (0-based) of the next chunk
+            moe_boundary = boundary - self.first_k_dense_layers
+            if moe_boundary <= 0:
+                continue
+            group = self.group_of(min(moe_boundary, self.num_moe_layers) - 1)
+            if moe_boundary < group.first_moe_layer + group.size:
+                stage = chunk % pp
+                raise ConfigError(
+                    f"config error: parallel.pipeline_model_parallel_size={pp}: pipeline stage "
+                    f"{stage} (model chunk {chunk}) would start at layer {boundary + 1}, inside reuse "
+                    f"group {group.index} (MoE layers {group.first_moe_layer}.."
+                    f"{group.first_moe_layer + group.size - 1}); stage boundaries must fall on "
+                    f"multiples of rexmoe.reuse_group_size={self.reuse_group_size} MoE layers")

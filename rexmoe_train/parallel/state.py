@@ -1,0 +1,55 @@
+"""Process group and megatron parallel_state setup: the one place parallelism is applied.
+
+Works for a plain `python` process (world size 1, no launcher) and under torchrun/srun (reads
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from rexmoe_train import platform
+
+platform.setup()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+
+from rexmoe_train.config.schema import ParallelConfig  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise the default process group if needed. Returns (rank, world_size)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # single process without a launcher
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        dist.init_process_group(platform.dist_backend(), timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """(Re)initialise megatron's model-parallel groups for this layout and seed its RNG tracker."""
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -1,0 +1,84 @@
+"""The run directory: resolved config, data description, metrics.jsonl, optional wandb, progress bar.
+
+Only global rank 0 writes. metrics.jsonl holds one JSON object per logged step (and one per
+evaluation), so a run can be plotted or compared with nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True, wandb_cfg: Any = None, resolved_config: Optional[dict] = None) -> None:
+        self.enabled = enabled
+        self.dir = Path(run_dir)
+        self._wandb = None
+        self._bar = None
+        self._metrics = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.dir / "metrics.jsonl"
+        if start_step == 0 and metrics_path.exists():
+            # a fresh run in a used directory: keep the old metrics instead of overwriting them
+            kept = self.dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            os.replace(metrics_path, kept)
+            print(f"[run] {metrics_path} existed; moved to {kept.name}", flush=True)
+        self._metrics = open(metrics_path, "a", buffering=1)
+        if resolved_config is not None:
+            self.write_yaml("config.yaml", resolved_config)
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or self.dir.name,
+                                     dir=str(self.dir), mode=wandb_cfg.mode, config=resolved_config,
+                                     resume="allow")
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True)
+
+    def write_yaml(self, name: str, data: dict) -> None:
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.create(data), self.dir / name)
+
+    def write_json(self, name: str, data: dict) -> None:
+        if self.enabled:
+            (self.dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self._wandb.log(scalars, step=record["step"])
+
+    def progress(self, step: int, postfix: dict) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(postfix, refresh=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()

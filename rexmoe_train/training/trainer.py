@@ -1,0 +1,214 @@
+"""The training loop: megatron's forward-backward schedules over ReXMoE model chunks.
+
+One optimizer step t:
+  1. PSRState.set_step(t); routers reset their per-step load and global-batch counters.
+  2. The data for step t (a pure function of (seed, t)) is split into this DP rank's micro-batches.
+  3. megatron's schedule (no pipelining / 1F1B / interleaved) runs forward+backward per micro-batch;
+     each router gates over its group's candidates under the step's PSR mask and attaches its
+     balance losses; expert grads accumulate into the group's bank from all r layers.
+  4. finalize_model_grads reduces grads (DP for dense params, expert-DP for experts), the megatron
+     optimizer clips and steps, the LR schedule advances.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from rexmoe_train import platform
+from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.data import build_embedded_datasets, micro_batches, valid_batches
+from rexmoe_train.model.gpt import build_model
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel
+from rexmoe_train.training.metrics import balance_losses, init_aux_loss_tracker, router_load
+from rexmoe_train.training.optim import build_optimizer, wrap_for_training
+from rexmoe_train.training.run_logger import RunLogger
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses.reshape(-1) * mask) / mask.sum()
+    # clone: megatron divides the returned loss in place by the micro-batch count
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    dev = platform.device()
+    output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None,
+                   labels=batch["labels"].to(dev))
+    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, resolved_config: Optional[dict] = None) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        cfg.validate(self.world_size)
+        init_model_parallel(cfg.parallel, cfg.train.seed)
+        t = cfg.train
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+        self.train_data, self.valid_data, self.data_info = build_embedded_datasets(
+            t.seq_length, t.seed, cfg.data.valid_fraction, cfg.data.max_bytes)
+        self.vocab_size = cfg.model.vocab_size or int(self.data_info["vocab_size"])
+
+        self.model = build_model(cfg, self.vocab_size)
+        tc = self.model.config
+        self.chunks = wrap_for_training(cfg, self.model.chunks, tc)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, tc)
+        tc.finalize_model_grads_func = finalize_model_grads
+        tc.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        init_aux_loss_tracker(cfg.model.num_layers)
+        self.forward_backward = get_forward_backward_func()
+        self.step = 0
+        self.logger = RunLogger(
+            cfg.run.dir, enabled=self.rank == 0, total_steps=t.train_iters, start_step=self.step,
+            progress=cfg.run.progress, wandb_cfg=cfg.run.wandb, resolved_config=resolved_config)
+        self.logger.write_json("data.json", self.data_info)
+        self.logger.write_json("model.json", self.describe())
+
+    # ----------------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Parameter counts (global, all ranks) and the layout, for the run dir."""
+        local = {"total": 0, "experts": 0, "routers": 0}
+        for chunk in self.model.chunks:
+            for name, p in chunk.named_parameters():
+                n = p.numel()
+                # embeddings tied across stages count once (on the first stage)
+                local["total"] += n
+                if "expert_banks" in name:
+                    local["experts"] += n
+                elif ".router." in name:
+                    local["routers"] += n
+        counts = torch.tensor([local["total"], local["experts"], local["routers"]], dtype=torch.float64)
+        # Only ranks with tp=0, dp=0 count their stage once; experts are split over EP so add them all.
+        c = parallel_state
+        first_replica = c.get_tensor_model_parallel_rank() == 0 and c.get_data_parallel_rank() == 0
+        expert_replica = c.get_expert_tensor_parallel_rank() == 0 and c.get_expert_data_parallel_rank() == 0
+        dense = torch.tensor([counts[0] - counts[1], counts[2]]) * float(first_replica)
+        experts = counts[1:2] * float(expert_replica)
+        summary = torch.cat([dense, experts])
+        dist.all_reduce(summary)
+        return {
+            "parameters_total": int(summary[0] + summary[2]),
+            "parameters_experts": int(summary[2]),
+            "parameters_routers": int(summary[1]),
+            "world_size": self.world_size,
+            "data_parallel_size": self.dp_size,
+            "num_microbatches": self.num_microbatches,
+            "padded_vocab_size": self.model.vocab_size,
+        }
+
+    def _routers(self):
+        return self.model.routers
+
+    def _iterators(self, batches: list) -> list:
+        # every chunk's forward_step pulls one micro-batch per micro-batch index
+        return [iter(batches) for _ in self.chunks]
+
+    def _set_mode(self, train: bool) -> None:
+        for chunk in self.chunks:
+            chunk.train(train)
+
+    def _last_stage_mean(self, losses: list, key: str = "lm loss") -> float:
+        """Average a per-micro-batch value over micro-batches and DP ranks; the same on every rank."""
+        contributes = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+            parallel_state.get_tensor_model_parallel_rank() == 0
+        acc = torch.zeros(2, dtype=torch.float64, device=platform.device())
+        if contributes and losses:
+            acc[0] = sum(float(d[key]) for d in losses)
+            acc[1] = len(losses)
+        dist.all_reduce(acc)
+        return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
+
+    # ----------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        step = self.step + 1
+        self.model.psr_state.set_step(step)
+        for router in self._routers():
+            router.reset_step_state()
+        batches = micro_batches(self.train_data, seed=t.seed, global_batch_size=t.global_batch_size,
+                                micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
+                                dp_size=self.dp_size, step=step - 1)
+        start = time.perf_counter()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=self._iterators(batches) if len(self.chunks) > 1 else iter(batches),
+            model=self.chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        success, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        self.step = step
+        record = {"step": step, "consumed_samples": step * t.global_batch_size}
+        if step % t.log_interval == 0 or step == t.train_iters:
+            lm_loss = self._last_stage_mean(losses)
+            record.update(balance_losses(cfg, self.num_microbatches))
+            record.update(router_load(cfg, self._routers(), step))
+            record.update({
+                "lm_loss": lm_loss,
+                "loss": lm_loss + record["aux_loss"],
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "update_successful": bool(success),
+                "step_time_s": round(elapsed, 4),
+                "tokens_per_s": round(t.global_batch_size * t.seq_length / elapsed, 1),
+            })
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.train
+        self._set_mode(False)
+        batches = valid_batches(self.valid_data, micro_batch_size=t.micro_batch_size,
+                                num_batches=t.eval_iters, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=self._iterators(batches) if len(self.chunks) > 1 else iter(batches),
+            model=self.chunks,
+            num_microbatches=len(batches),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=True,
+        )
+        self._set_mode(True)
+        return self._last_stage_mean(losses)
+
+    def run(self) -> list[dict]:
+        t = self.cfg.train
+        history = []
+        self._set_mode(True)
+        while self.step < t.train_iters:
+            record = self.train_step()
+            if self.step % t.eval_interval == 0 or self.step == t.train_iters:
+                record["val_loss"] = self.evaluate()
+            if "loss" in record or "val_loss" in record:
+                self.logger.log(record)
+                history.append(record)
+            if "loss" in record:
+                self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}",
+                                                 "tok/s": f"{record['tokens_per_s']:.0f}",
+                                                 "cand": record["psr_candidates"]})
+            if "val_loss" in record:
+                self.logger.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+        self.logger.close()
+        return history
