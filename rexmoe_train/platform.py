@@ -97,9 +97,9 @@ def setup(set_threads: bool = True) -> None:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     # megatron.core.jit.jit_fuser is torch.compile: on CPU the first call of each fused helper spends
     # ~15 s compiling C++ with inductor. Eager gives the same numbers.
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.disable = True
+    dynamo.config.disable = True
     _patch_torch_cuda_namespace()
     _patch_device_literals()
     _patch_tensor_type_strings()

@@ -21,8 +21,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+from rexmoe_train import platform
+
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func  # noqa: E402
 
 
 class ScopedCounts:

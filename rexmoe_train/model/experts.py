@@ -16,13 +16,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.experts import SequentialMLP
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from rexmoe_train import platform
 
-from rexmoe_train.model.reuse import ReuseGroup
-from rexmoe_train.parallel.placement import ExpertPlacement
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group  # noqa: E402
+
+from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
+from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
 class ExpertBank(SequentialMLP):

@@ -14,20 +14,23 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
 from rexmoe_train import platform
-from rexmoe_train.config.schema import ExperimentConfig
-from rexmoe_train.model.experts import ExpertBanks
-from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer
-from rexmoe_train.model.psr import PSRState
-from rexmoe_train.model.reuse import ReusePlan
+
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
+
+from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
+from rexmoe_train.model.experts import ExpertBanks  # noqa: E402
+from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer  # noqa: E402
+from rexmoe_train.model.psr import PSRState  # noqa: E402
+from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -13,16 +13,20 @@ import logging
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from rexmoe_train import platform
 
-from rexmoe_train.config.schema import ReXMoEConfig
-from rexmoe_train.model.balance import GroupBalance, ScopedCounts
-from rexmoe_train.model.experts import ExpertBank, ExpertBanks
-from rexmoe_train.model.psr import PSRState
-from rexmoe_train.model.reuse import ReusePlan
-from rexmoe_train.model.router import ReXMoERouter
-from rexmoe_train.parallel.placement import ExpertPlacement
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection  # noqa: E402
+
+from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
+from rexmoe_train.model.balance import GroupBalance, ScopedCounts  # noqa: E402
+from rexmoe_train.model.experts import ExpertBank, ExpertBanks  # noqa: E402
+from rexmoe_train.model.psr import PSRState  # noqa: E402
+from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
+from rexmoe_train.model.router import ReXMoERouter  # noqa: E402
+from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
 class _KnownMLPType(logging.Filter):

@@ -11,15 +11,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.transformer.moe.router import TopKRouter
+from rexmoe_train import platform
 
-from rexmoe_train.config.schema import ReXMoEConfig
-from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss
-from rexmoe_train.model.gating import gate
-from rexmoe_train.model.psr import PSRSchedule, PSRState
-from rexmoe_train.model.reuse import ReuseGroup
-from rexmoe_train.parallel.placement import ExpertPlacement
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+
+from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
+from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss  # noqa: E402
+from rexmoe_train.model.gating import gate  # noqa: E402
+from rexmoe_train.model.psr import PSRSchedule, PSRState  # noqa: E402
+from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
+from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
 class ReXMoERouter(TopKRouter):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
 from rexmoe_train import platform
-from rexmoe_train.model.balance import load_violation
-from rexmoe_train.model.psr import PSRSchedule, psr_allowed_mask
-from rexmoe_train.model.reuse import ReusePlan
+
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
+
+from rexmoe_train.model.balance import load_violation  # noqa: E402
+from rexmoe_train.model.psr import PSRSchedule, psr_allowed_mask  # noqa: E402
+from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 
 BALANCE_TERMS = ("load_balancing_loss", "group_load_balancing_loss", "z_loss")
 

@@ -18,18 +18,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
-from megatron.core.pipeline_parallel import get_forward_backward_func
-
 from rexmoe_train import platform
-from rexmoe_train.config.schema import ExperimentConfig
-from rexmoe_train.data import build_embedded_datasets, micro_batches, valid_batches
-from rexmoe_train.model.gpt import build_model
-from rexmoe_train.parallel.state import init_distributed, init_model_parallel
-from rexmoe_train.training.metrics import balance_losses, init_aux_loss_tracker, router_load
-from rexmoe_train.training.optim import build_optimizer, wrap_for_training
-from rexmoe_train.training.run_logger import RunLogger
+
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
+from rexmoe_train.data import build_embedded_datasets, micro_batches, valid_batches  # noqa: E402
+from rexmoe_train.model.gpt import build_model  # noqa: E402
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from rexmoe_train.training.metrics import balance_losses, init_aux_loss_tracker, router_load  # noqa: E402
+from rexmoe_train.training.optim import build_optimizer, wrap_for_training  # noqa: E402
+from rexmoe_train.training.run_logger import RunLogger  # noqa: E402
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -1,0 +1,61 @@
+"""The real `rexmoe-train` CLI, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "rexmoe_train.cli.train", *overrides], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("rexmoe.reuse_group_size=0", "rexmoe.reuse_group_size"),
+    ("rexmoe.gating=softmax", "rexmoe.gating"),
+    ("rexmoe.psr.end_step=10", "rexmoe.psr.end_step"),
+    ("+model.num_expert=4", "model.num_expert"),
+])
+def test_bad_override_one_line_exit_2_nothing_written(tmp_path, override, field):
+    run_dir = tmp_path / "run"
+    proc = run_cli(override, f"run.dir={run_dir}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+    assert not run_dir.exists()
+
+
+def test_default_run_short_override_loss_falls(tmp_path):
+    """The embedded default (tiny ReXMoE, r=4, PSR on), shortened; the PSR ramp is squeezed in."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.train_iters=40", "train.eval_interval=20", "train.lr_warmup_iters=5",
+                   "rexmoe.psr.start_step=10", "rexmoe.psr.end_step=30", "run.progress=false",
+                   f"run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    for key in ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
+                "psr_candidates", "load_violation_max", "group_load_violation_max"):
+        assert all(key in r for r in steps), key
+    assert len(steps[0]["load_violation_max"]) == 4
+    # PSR: 8 candidates until step 10, then growing to 32 at step 30
+    assert steps[9]["psr_candidates"] == 8 and steps[19]["psr_candidates"] == 20
+    assert steps[39]["psr_candidates"] == 32
+    first = sum(r["lm_loss"] for r in steps[:3]) / 3
+    last = sum(r["lm_loss"] for r in steps[-3:]) / 3
+    assert last < first - 1.5, (first, last)
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "data.json").exists()
+    model = json.loads((run_dir / "model.json").read_text())
+    assert model["parameters_experts"] > 0

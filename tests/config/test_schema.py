@@ -1,0 +1,100 @@
+"""Config validation: each bad value is one ConfigError naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig, experiment_from_dict
+
+# (overrides as a nested dict, the field the message must name, a fragment of the allowed values)
+BAD = [
+    ({"rexmoe": {"reuse_group_size": 0}}, "rexmoe.reuse_group_size", ">= 1"),
+    ({"model": {"moe_router_topk": 9}}, "model.moe_router_topk", "<="),
+    ({"model": {"hidden_size": 130}}, "model.hidden_size", "divisible by model.num_attention_heads"),
+    ({"rexmoe": {"gating": "softmax"}}, "rexmoe.gating", "softmax_then_topk"),
+    ({"rexmoe": {"psr": {"start_step": 10, "end_step": 10}}}, "rexmoe.psr.end_step", "> rexmoe.psr.start_step"),
+    ({"rexmoe": {"psr": {"schedule": "exp"}}}, "rexmoe.psr.schedule", "linear"),
+    ({"rexmoe": {"psr": {"mask_on": "probs"}}}, "rexmoe.psr.mask_on", "scores"),
+    ({"rexmoe": {"reuse_group_size": 3}}, "rexmoe.reuse_group_size", "allow_partial_last_group"),
+    ({"rexmoe": {"balance": {"layer_aux_scope": "batch"}}}, "rexmoe.balance.layer_aux_scope", "micro_batch"),
+    ({"rexmoe": {"balance": {"z_loss_coeff": -1.0}}}, "rexmoe.balance.z_loss_coeff", ">= 0"),
+    ({"model": {"num_query_groups": 3}}, "model.num_query_groups", "divide"),
+    ({"model": {"first_k_dense_layers": 4}}, "model.first_k_dense_layers", "[0,"),
+    ({"model": {"normalization": "BatchNorm"}}, "model.normalization", "RMSNorm"),
+    ({"parallel": {"expert_model_parallel_size": 3}}, "parallel.expert_model_parallel_size", "divide"),
+    ({"parallel": {"moe_token_dispatcher_type": "flex"}}, "parallel.moe_token_dispatcher_type", "alltoall"),
+    ({"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False}}, "parallel.sequence_parallel", "true"),
+    ({"parallel": {"virtual_pipeline_model_parallel_size": 2}}, "parallel.virtual_pipeline_model_parallel_size", "pipeline"),
+    ({"parallel": {"pipeline_model_parallel_size": 2}}, "parallel.pipeline_model_parallel_size", "reuse group 0"),
+    ({"train": {"lr": 0.0}}, "train.lr", "> 0"),
+    ({"train": {"min_lr": 1.0}}, "train.min_lr", "[0, train.lr]"),
+    ({"train": {"lr_warmup_iters": 300}}, "train.lr_warmup_iters", "train.train_iters"),
+    ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, "train.global_batch_size", "multiple"),
+    ({"train": {"lr_decay_style": "step"}}, "train.lr_decay_style", "cosine"),
+    ({"train": {"adam_beta2": 1.0}}, "train.adam_beta2", "[0, 1)"),
+    ({"data": {"valid_fraction": 0.0}}, "data.valid_fraction", "(0, 1)"),
+    ({"data": {"source": "s3"}}, "data.source", "embedded"),
+    ({"run": {"wandb": {"mode": "cloud"}}}, "run.wandb.mode", "offline"),
+    ({"model": {"num_layers": "four"}}, "model.num_layers", "integer"),
+    ({"rexmoe": {"psr": {"protect_local": "yes"}}}, "rexmoe.psr.protect_local", "true or false"),
+    ({"model": {"num_expert": 8}}, "model.num_expert", "num_moe_experts"),
+]
+
+
+def _tiny_dict(overrides: dict) -> dict:
+    import dataclasses
+
+    base = dataclasses.asdict(ExperimentConfig())
+    base["model"].update(num_layers=4, hidden_size=128, num_attention_heads=4, num_moe_experts=8)
+    base["rexmoe"]["reuse_group_size"] = 4
+    base["rexmoe"]["psr"].update(schedule="linear", start_step=0, end_step=10)
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(base, overrides)
+    return base
+
+
+def test_default_and_tiny_are_valid():
+    ExperimentConfig().validate(world_size=1)
+    experiment_from_dict(_tiny_dict({})).validate(world_size=1)
+
+
+@pytest.mark.parametrize("overrides,field,allowed", BAD, ids=lambda v: str(v)[:60])
+def test_bad_value_names_field(overrides, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        experiment_from_dict(_tiny_dict(overrides)).validate(world_size=1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert field in message and allowed in message, message
+
+
+def test_pp4_with_groups_of_two_is_fine_pp2_splitting_a_group_is_not():
+    ok = _tiny_dict({"parallel": {"pipeline_model_parallel_size": 2}, "rexmoe": {"reuse_group_size": 2}})
+    experiment_from_dict(ok).validate()
+    bad = _tiny_dict({"parallel": {"pipeline_model_parallel_size": 2}})
+    with pytest.raises(ConfigError, match="stage 1 .* inside reuse group 0"):
+        experiment_from_dict(bad).validate()
+
+
+def test_partial_last_group_allowed_when_asked():
+    cfg = _tiny_dict({"rexmoe": {"reuse_group_size": 3, "allow_partial_last_group": True}})
+    experiment = experiment_from_dict(cfg).validate()
+    from rexmoe_train.model.reuse import ReusePlan
+
+    assert [g.size for g in ReusePlan.from_config(experiment).groups] == [3, 1]
+
+
+def test_world_size_layout_checks():
+    cfg = experiment_from_dict(_tiny_dict({"parallel": {"expert_model_parallel_size": 2}}))
+    cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="parallel.expert_model_parallel_size"):
+        cfg.validate(world_size=3)
+    cfg = experiment_from_dict(_tiny_dict({"train": {"global_batch_size": 8, "micro_batch_size": 8}}))
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        cfg.validate(world_size=2)
