@@ -46,9 +46,11 @@ def _main(cfg: DictConfig) -> None:
     if trainer.rank == 0:
         last = next((h for h in reversed(history) if "loss" in h), {})
         evals = [h["val_loss"] for h in history if "val_loss" in h]
-        print(f"[done] {trainer.step} steps; final loss {last.get('loss', float('nan')):.4f}; "
-              f"val_loss {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "", flush=True)
-        print(f"[done] run dir: {experiment.run.dir}", flush=True)
+        summary = f"[done] {trainer.step} steps; final train loss {last.get('loss', float('nan')):.4f}"
+        if evals:
+            summary += f"; val_loss {evals[0]:.4f} (step 0) -> {evals[-1]:.4f}"
+        print(summary, flush=True)
+        print(f"[done] run dir: {experiment.run.dir} (config.yaml, metrics.jsonl)", flush=True)
 
 
 def main() -> None:

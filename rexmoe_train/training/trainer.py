@@ -199,6 +199,10 @@ class Trainer:
     def run(self) -> list[dict]:
         t = self.cfg.train
         history = []
+        if self.step == 0:  # the untrained model's validation loss: the baseline the curve falls from
+            record = {"step": 0, "consumed_samples": 0, "val_loss": self.evaluate()}
+            self.logger.log(record)
+            history.append(record)
         self._set_mode(True)
         while self.step < t.train_iters:
             record = self.train_step()
