@@ -25,7 +25,8 @@ import torch
 class GateOutput(NamedTuple):
     probs: torch.Tensor  # [T, C] gate weights, zero off the top-k
     routing_map: torch.Tensor  # [T, C] bool, exactly k True per row
-    aux_scores: torch.Tensor  # [T, C] fp32 scores for the balance loss (rows sum to <= 1)
+    aux_scores: torch.Tensor  # [T, C] fp32 scores for the balance loss: a distribution over the
+    # available candidates (rows sum to 1; masked candidates 0)
 
 
 def gate(
@@ -64,6 +65,12 @@ def gate(
         aux_scores = scores.float() / (scores.float().sum(dim=-1, keepdim=True) + 1e-20)
     else:
         raise ValueError(f"gating must be softmax_then_topk, topk_then_softmax or sigmoid, got {gating!r}")
+
+    if blocked is not None:
+        # The balance loss asks "is load uniform over the candidates this router may use now?": its
+        # scores are a distribution over the available ones. Without this, post-softmax masking
+        # leaves only ~N_t/(r*N) of the mass and silently weakens the loss by ~r early in PSR.
+        aux_scores = aux_scores / aux_scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
     probs = torch.zeros_like(logits).scatter(1, top_idx, top_probs)
     routing_map = torch.zeros_like(logits).int().scatter(1, top_idx, 1).bool()

@@ -87,6 +87,8 @@ def test_masked_candidates_never_selected(gating, mask_on):
         assert (out.routing_map.sum(1) == 2).all()
         assert (out.probs[:, ~allowed] == 0).all()
         assert torch.isfinite(out.aux_scores).all()
+        assert (out.aux_scores[:, ~allowed] == 0).all()
+        torch.testing.assert_close(out.aux_scores.sum(1), torch.ones(500))
 
 
 def test_scores_mode_does_not_renormalise_but_logits_mode_does():
