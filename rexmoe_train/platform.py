@@ -70,6 +70,43 @@ def max_memory_allocated_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def get_rng_state() -> dict[str, Any]:
+    """The process's RNG states for a checkpoint: the CPU generator, and the GPU's when there is one."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if HAS_CUDA:
+        state["cuda"] = torch.cuda.get_rng_state(device())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if HAS_CUDA and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device())
+
+
+def has_triton_gpu() -> bool:
+    """True when custom Triton kernels can run compiled on the local GPU (CUDA present and triton
+    importable). Without it the kernels in rexmoe_train/kernels fall back to their torch references
+    (the Triton interpreter is a test tool, far too slow for training)."""
+    if not HAS_CUDA:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def has_transformer_engine() -> bool:
+    """True when Transformer Engine's pytorch module imports AND a GPU is present: TE cannot run
+    (and on most installs cannot even import) without CUDA, so CPU machines always answer False."""
+    if not HAS_CUDA:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a CUDA/driver mismatch raised at import
+        return False
+    return True
+
+
 def device_name() -> str:
     if HAS_CUDA:
         return torch.cuda.get_device_name(device())
@@ -221,6 +258,13 @@ _FACTORIES = (
 
 def _patch_device_literals() -> None:
     """About 50 megatron call sites create tensors with a literal ``device="cuda"``."""
+    # `with torch.device("meta"):` (used by transformers to build models before loading weights)
+    # recognises factory calls by identity against a set it caches on first use. Fill that cache with
+    # the real functions before wrapping them; otherwise the wrapped calls escape the device context
+    # and, e.g., transformers' RoPE buffers end up uninitialised.
+    import torch.utils._device
+
+    torch.utils._device._device_constructors()
 
     def wrap(fn: Any) -> Any:
         def factory(*args: Any, **kwargs: Any) -> Any:

@@ -39,3 +39,12 @@ def test_setup_idempotent_and_makes_megatron_cuda_calls_safe(layout):
         forked = torch.rand(3)
     assert torch.equal(torch.get_rng_state(), before)  # fork really switched and restored state
     assert forked.shape == (3,)
+
+
+def test_device_context_still_sees_wrapped_factories(megatron_world):
+    """transformers builds models under `with torch.device("meta")`; the CPU layer's factory
+    wrappers must not let tensors escape that context (it left HF RoPE buffers uninitialised)."""
+    with torch.device("meta"):
+        assert torch.zeros(2).device.type == "meta"
+        assert torch.arange(4).device.type == "meta"
+    assert torch.zeros(2, device="cuda" if not platform.HAS_CUDA else "cpu").device.type == "cpu"
