@@ -22,7 +22,7 @@ def _forward_backward(model, x, pos):
     return losses.detach()
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather", "rexmoe_dedup"])
 @pytest.mark.parametrize("r", [2, 4])
 def test_ep2_matches_single_rank(layout, dispatcher, r):
     from rexmoe_train.model.gpt import build_model
