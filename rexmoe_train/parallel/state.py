@@ -31,10 +31,14 @@ def _free_port() -> int:
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialise the default process group if needed. Returns (rank, world_size)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # single process without a launcher
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
-        dist.init_process_group(platform.dist_backend(), timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+            dist.init_process_group(platform.dist_backend(), timeout=timeout)
+        else:
+            # a single process without a launcher. The environment is left alone on purpose: child
+            # processes (a CLI run from a notebook or a test) must not inherit a half-set launcher env.
+            dist.init_process_group(platform.dist_backend(), init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
