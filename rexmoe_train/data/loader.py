@@ -111,6 +111,9 @@ class GlobalBatchSampler:
     takes positions ``(m * dp_size + r) * micro_batch_size + b`` for micro-batch
     ``m`` -- so ranks interleave per micro-batch and the union over ranks is the
     whole global batch, whatever ``dp_size`` is.
+
+    ``shuffle=False`` reads global sample ``j`` as index ``j % N``: for datasets whose order is
+    already a shuffled sample order (megatron's indexed datasets, ``presampled = True``).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class GlobalBatchSampler:
         global_batch_size: int,
         micro_batch_size: int,
         dp_size: int,
+        shuffle: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -139,6 +143,7 @@ class GlobalBatchSampler:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_size = dp_size
+        self.shuffle = shuffle
 
     @property
     def num_micro_batches(self) -> int:
@@ -150,6 +155,8 @@ class GlobalBatchSampler:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         j = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+        if not self.shuffle:
+            return j % self.num_samples
         epochs, positions = np.divmod(j, self.num_samples)
         out = np.empty_like(j)
         # A global batch spans at most a few epochs (usually one).
@@ -188,6 +195,7 @@ def micro_batches(
         global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size,
         dp_size=dp_size,
+        shuffle=not getattr(dataset, "presampled", False),
     )
     return [dataset.get_batch(idx) for idx in sampler.rank_micro_batches(step, dp_rank)]
 

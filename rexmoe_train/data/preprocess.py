@@ -1,0 +1,382 @@
+"""`rexmoe-preprocess`: jsonl / text files -> a megatron-core indexed dataset (.bin/.idx) + .json.
+
+One document per jsonl line (its ``--json-key`` field, ``text`` by default; ``.gz`` inputs are read
+compressed) or per plain-text file, tokenized with the byte tokenizer or a Hugging Face
+``tokenizer.json``, ``eod`` appended to each. Documents keep the input order whatever ``--workers``
+is: chunks of lines are tokenized by a process pool and written back in order. The files are
+written under temporary names and renamed at the end, so an error (exit 2, one line) or an
+interrupt never leaves a partial dataset behind. ``<prefix>.json`` records the tokenizer (name,
+vocab size, eod id, sha256 of the tokenizer.json) and the sizes; training checks it.
+
+    rexmoe-preprocess --input docs.jsonl --output-prefix data/docs --tokenizer byte
+    rexmoe-preprocess --input a.jsonl b.jsonl.gz --output-prefix data/ab \\
+        --tokenizer path/to/tokenizer.json --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .text_tokenizer import BYTE, TextTokenizer, TokenizerLoadError, encode_texts, load_tokenizer
+from .text_tokenizer import token_dtype, tokenizer_metadata
+
+__all__ = ["PreprocessError", "preprocess", "main", "JSONL_SUFFIXES"]
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+SIDECAR_FORMAT = "rexmoe-indexed-v1"
+EXIT_USAGE = 2
+
+
+class PreprocessError(Exception):
+    """A bad input, field or tokenizer; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading inputs
+# --------------------------------------------------------------------------------------------------
+def is_jsonl(path: str) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _chunks(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple]:
+    """Yields ``(kind, path, first_line_no, items, raw_bytes)`` in input order.
+
+    jsonl: ``items`` are raw lines (bytes) of one file; text: ``items`` are (path, whole file bytes).
+    Unreadable files raise :class:`PreprocessError`.
+    """
+    try:
+        yield from _chunks_unchecked(inputs, chunk_lines, chunk_bytes)
+    except (OSError, EOFError) as err:  # e.g. a damaged .gz, a file vanishing mid-run
+        where = getattr(err, "filename", None) or "an input"
+        raise PreprocessError(f"cannot read {where}: {err.strerror or err}") from None
+
+
+def _chunks_unchecked(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple]:
+    text_batch: list[tuple[str, bytes]] = []
+    text_bytes = 0
+    for path in inputs:
+        if is_jsonl(path):
+            if text_batch:
+                yield ("text", None, 0, text_batch, text_bytes)
+                text_batch, text_bytes = [], 0
+            lines: list[bytes] = []
+            size, first = 0, 1
+            with _open_text(path) as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not lines:
+                        first = line_no
+                    lines.append(line)
+                    size += len(line)
+                    if len(lines) >= chunk_lines or size >= chunk_bytes:
+                        yield ("jsonl", path, first, lines, size)
+                        lines, size = [], 0
+            if lines:
+                yield ("jsonl", path, first, lines, size)
+        else:
+            with _open_text(path) as f:
+                data = f.read()
+            text_batch.append((path, data))
+            text_bytes += len(data)
+            if len(text_batch) >= chunk_lines or text_bytes >= chunk_bytes:
+                yield ("text", None, 0, text_batch, text_bytes)
+                text_batch, text_bytes = [], 0
+    if text_batch:
+        yield ("text", None, 0, text_batch, text_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizing (in pool workers)
+# --------------------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(spec: str, eod_token: Optional[str], key: str, single_thread: bool) -> None:
+    if single_thread:  # one process per core already: no Rust thread pool inside each worker
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"] = load_tokenizer(spec, eod_token)
+    _WORKER["key"] = key
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PreprocessError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _texts_of_chunk(kind: str, path: Optional[str], first: int, items: list[bytes], key: str) -> list[str]:
+    if kind == "text":
+        return [_decode(raw, where) for where, raw in items]
+    texts = []
+    for offset, raw in enumerate(items):
+        where = f"{path}:{first + offset}"
+        if not raw.strip():
+            continue  # blank line: no document
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            reason = getattr(err, "msg", None) or str(err)
+            raise PreprocessError(f"{where}: not a JSON object ({reason})") from None
+        if not isinstance(record, dict):
+            raise PreprocessError(f"{where}: not a JSON object (got {type(record).__name__})")
+        if key not in record:
+            fields = ", ".join(sorted(map(str, record))[:10]) or "none"
+            raise PreprocessError(f"{where}: no field {key!r} (fields: {fields}); choose one with --json-key")
+        value = record[key]
+        if not isinstance(value, str):
+            raise PreprocessError(f"{where}: field {key!r} is {type(value).__name__}, not a string")
+        texts.append(value)
+    return texts
+
+
+def _tokenize_chunk(chunk: tuple) -> tuple[list[np.ndarray], int]:
+    kind, path, first, items, raw_bytes = chunk
+    tokenizer: TextTokenizer = _WORKER["tokenizer"]
+    texts = _texts_of_chunk(kind, path, first, items, _WORKER["key"])
+    dtype = token_dtype(tokenizer.vocab_size)
+    docs = []
+    for ids in encode_texts(tokenizer, texts):
+        arr = np.empty(len(ids) + 1, dtype=dtype)
+        arr[:-1] = ids
+        arr[-1] = tokenizer.eod
+        docs.append(arr)
+    return docs, raw_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+def _ordered_results(pool: Any, chunks: Iterator[tuple], max_pending: int) -> Iterator[tuple]:
+    """Results of ``_tokenize_chunk`` in input order, with at most ``max_pending`` chunks in flight.
+
+    WHY not ``pool.imap``: its feeder thread reads the whole input ahead of the writer, so a large
+    dump would sit in memory; here reading waits for the oldest chunk to come back.
+    """
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _check_inputs(inputs: Sequence[str]) -> list[str]:
+    if not inputs:
+        raise PreprocessError("no --input given")
+    out = []
+    for path in inputs:
+        p = Path(path)
+        if not p.exists():
+            raise PreprocessError(f"input not found: {path}")
+        if not p.is_file():
+            raise PreprocessError(f"input is not a file: {path}")
+        if not os.access(p, os.R_OK):
+            raise PreprocessError(f"input not readable: {path}")
+        out.append(str(p))
+    return out
+
+
+def output_paths(prefix: str) -> dict[str, str]:
+    return {ext: f"{prefix}.{ext}" for ext in ("bin", "idx", "json")}
+
+
+def preprocess(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer: str = BYTE,
+    *,
+    json_key: str = "text",
+    eod_token: Optional[str] = None,
+    workers: int = 1,
+    chunk_lines: int = 512,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``inputs`` into ``output_prefix``.{bin,idx,json}; returns the sidecar's content.
+
+    Raises :class:`PreprocessError` (one-line message) for a bad input, field or tokenizer; nothing
+    is left on disk then.
+    """
+    start = time.perf_counter()
+    inputs = _check_inputs(inputs)
+    if not json_key:
+        raise PreprocessError("--json-key must be a non-empty field name")
+    if workers < 1:
+        raise PreprocessError(f"--workers must be >= 1, got {workers}")
+    if not output_prefix or output_prefix.endswith(os.sep):
+        raise PreprocessError(f"--output-prefix must name a file prefix, got {output_prefix!r}")
+    final = output_paths(output_prefix)
+    existing = [p for p in final.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise PreprocessError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
+    try:
+        tok = load_tokenizer(tokenizer, eod_token)
+    except TokenizerLoadError as err:
+        raise PreprocessError(str(err)) from None
+    meta = tokenizer_metadata(tok)
+    dtype = token_dtype(tok.vocab_size)
+
+    out_dir = Path(output_prefix).resolve().parent
+    created_dirs = []
+    for parent in reversed([out_dir, *out_dir.parents]):
+        if not parent.exists():
+            created_dirs.append(parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = output_paths(tmp_prefix)
+
+    pool = None
+    # decompressed sizes of .gz inputs are unknown: no total then
+    total_bytes = None if any(p.endswith(".gz") for p in inputs) else sum(map(os.path.getsize, inputs))
+    num_docs = num_tokens = 0
+    data_file = None
+    try:
+        from tqdm import tqdm
+
+        chunks = _chunks(inputs, chunk_lines, chunk_bytes=4 << 20)
+        single_thread = workers > 1
+        if workers > 1:
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                              else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker,
+                            initargs=(tokenizer, eod_token, json_key, single_thread))
+            results = _ordered_results(pool, chunks, max_pending=4 * workers)
+        else:
+            _init_worker(tokenizer, eod_token, json_key, single_thread)
+            results = map(_tokenize_chunk, chunks)
+
+        # megatron after the pool is forked (its import is heavy and may start threads)
+        from rexmoe_train import platform
+
+        platform.setup()
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
+        data_file = builder.data_file
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        with bar:
+            for docs, raw_bytes in results:
+                for doc in docs:
+                    builder.add_document(doc, [doc.size])
+                    num_tokens += int(doc.size)
+                num_docs += len(docs)
+                bar.update(raw_bytes)
+                bar.set_postfix(docs=num_docs, tokens=num_tokens, refresh=False)
+        if num_docs == 0:
+            raise PreprocessError("the inputs hold no documents")
+        builder.finalize(tmp["idx"])
+        elapsed = time.perf_counter() - start
+        meta.update({
+            "format": SIDECAR_FORMAT,
+            "id": uuid.uuid4().hex,  # changes on every write: keys training's index caches
+            "dtype": np.dtype(dtype).name,
+            "documents": num_docs,
+            "tokens": num_tokens,
+            "inputs": [os.path.abspath(p) for p in inputs],
+            "json_key": json_key,
+            "seconds": round(elapsed, 3),
+        })
+        with open(tmp["json"], "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+        for ext in ("bin", "idx", "json"):  # the sidecar last: its presence marks a whole dataset
+            os.replace(tmp[ext], final[ext])
+    except BaseException:
+        if data_file is not None:
+            data_file.close()
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        for d in reversed(created_dirs):  # only directories this call created, only when empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rexmoe-preprocess",
+                description="Tokenize jsonl / text files into a megatron-core indexed dataset "
+                            "(<prefix>.bin, <prefix>.idx) plus <prefix>.json (tokenizer, sizes).")
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
+                   help="jsonl files (.jsonl/.json/.ndjson, optionally .gz): one document per line; "
+                        "any other file: one document per file")
+    p.add_argument("--output-prefix", "-o", required=True, metavar="PREFIX",
+                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
+    p.add_argument("--tokenizer", "-t", default=BYTE, metavar="byte|TOKENIZER_JSON",
+                   help="'byte' (UTF-8 bytes, eod 256) or a Hugging Face tokenizer.json (default: byte)")
+    p.add_argument("--json-key", default="text", help="the jsonl field holding the text (default: text)")
+    p.add_argument("--eod-token", default=None,
+                   help="end-of-document token of a tokenizer.json (default: the first of "
+                        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, ... it defines)")
+    p.add_argument("--workers", "-j", type=int, default=min(8, os.cpu_count() or 1),
+                   help="tokenizer processes (default: min(8, CPUs))")
+    p.add_argument("--chunk-lines", type=int, default=512, help="jsonl lines per work item (default: 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx/.json")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "rexmoe-preprocess"
+    if args.chunk_lines < 1:
+        print(f"{prog}: error: --chunk-lines must be >= 1, got {args.chunk_lines}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        meta = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
+                          eod_token=args.eod_token, workers=args.workers, chunk_lines=args.chunk_lines,
+                          overwrite=args.overwrite, progress=args.progress)
+    except PreprocessError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    print(f"[preprocess] {meta['documents']} documents, {meta['tokens']} tokens "
+          f"({meta['tokenizer_name']}, vocab {meta['vocab_size']}, eod {meta['eod']}) in "
+          f"{meta['seconds']:.1f} s -> {args.output_prefix}.bin/.idx/.json", flush=True)
+    return 0
+
+
+def _console() -> None:  # the console script: exit status from main()
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _console()

@@ -1,0 +1,63 @@
+"""`rexmoe-train data.source=indexed` on data made by rexmoe-preprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from rexmoe_train.data.preprocess import preprocess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "rexmoe_train.cli.train", *overrides], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _make_data(root: Path) -> list[str]:
+    rng = random.Random(0)
+    words = "the router picks experts from every layer of its reuse group".split()
+    prefixes = []
+    for name in ("a", "b"):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n"
+                                for _ in range(60)))
+        preprocess([str(path)], str(root / name), "byte", progress=False)
+        prefixes.append(str(root / name))
+    return prefixes
+
+
+SMALL = ("train.train_iters=3", "train.eval_interval=3", "train.eval_iters=1", "train.seq_length=64",
+         "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr_warmup_iters=1",
+         "rexmoe.psr.start_step=0", "rexmoe.psr.end_step=2", "run.progress=false")
+
+
+def test_train_on_preprocessed_blend(tmp_path):
+    a, b = _make_data(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = run_cli("data.source=indexed", f"data.blend=[0.4,{a},0.6,{b}]", 'data.split="90,10,0"',
+                   *SMALL, f"run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3]
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["source"] == "indexed" and data["vocab_size"] == 257
+    assert [entry["prefix"] for entry in data["blend"]] == [a, b]
+    assert (run_dir / "data_cache").is_dir()
+
+
+def test_missing_prefix_one_line_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("data.source=indexed", f"data.blend=[{tmp_path / 'absent'}]", *SMALL,
+                   f"run.dir={run_dir}", timeout=200)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.blend" in lines[0] and "not found" in lines[0], proc.stderr
+    assert not run_dir.exists()
