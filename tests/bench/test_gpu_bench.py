@@ -1,0 +1,69 @@
+"""bench/gpu_bench.py on CPU: its FLOP count, its config reading, --help and the no-GPU exit."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_bench.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # dataclasses resolve their module through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("gpu_bench", None)
+
+
+def test_flops_of_the_paper_2_3b_shape(gpu_bench):
+    shape = gpu_bench.shape_from_config("2.3b")
+    assert (shape.hidden, shape.layers, shape.experts, shape.topk, shape.moe_ffn) == (512, 32, 64, 8, 744)
+    f = gpu_bench.flops_per_token(shape, reuse=4, seq=4096)
+    # per layer: QKV 2*512*(16+2*2)*32, out 2*512*512, causal core 2*2*512*(4096+1)/2
+    assert f["attention"] == 32 * (655_360 + 524_288 + 4_195_328)
+    assert f["experts"] == 32 * 8 * 744 * 3 * 2 * 512  # top-8 SwiGLU experts only, not all 64
+    assert f["router"] == 32 * 2 * 512 * 4 * 64  # r*N candidates
+    assert f["counted"] == f["attention"] + f["experts"] + f["router"]
+    assert f["train"] == 3 * f["counted"] and "lm_head" in f
+
+
+@pytest.mark.parametrize("name, active", [("2.3b", 0.3e9), ("0.5b", 0.07e9)])
+def test_matmul_flops_match_the_papers_active_parameters(gpu_bench, name, active):
+    """2 FLOPs per active parameter per token (minus the attention core): the 'A0.3B'/'A0.07B'."""
+    shape = gpu_bench.shape_from_config(name)
+    f = gpu_bench.flops_per_token(shape, reuse=1, seq=1)
+    core = shape.layers * 2 * 2 * shape.hidden * 1
+    assert 0.9 * active < (f["counted"] - core) / 2 < 1.2 * active
+
+
+def test_reuse_only_changes_the_router(gpu_bench):
+    shape = gpu_bench.shape_from_config("0.5b", layers=4)
+    one, four = (gpu_bench.flops_per_token(shape, reuse=r, seq=512) for r in (1, 4))
+    assert one["attention"] == four["attention"] and one["experts"] == four["experts"]
+    assert four["router"] - one["router"] == 4 * 2 * 768 * 3 * 32
+
+
+def test_peak_lookup(gpu_bench):
+    assert gpu_bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.4
+    assert gpu_bench.peak_tflops("NVIDIA H100 80GB HBM3", "fp8", None) == 1978.9
+    assert gpu_bench.peak_tflops("cpu", "bf16", None) is None
+    assert gpu_bench.peak_tflops("cpu", "bf16", 100.0) == 100.0
+
+
+def test_help_and_no_gpu_exit(gpu_bench, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_bench.main(["--help"])
+    assert exc.value.code == 0 and "MFU" in capsys.readouterr().out
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: main() would run the benchmark")
+    assert gpu_bench.main(["--models", "0.5b"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""model.transformer_impl and train.fp8*: the GPU-path options, validated (and rejected) on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from rexmoe_train import platform
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig, experiment_from_dict
+
+NO_TE = not platform.has_transformer_engine()
+
+
+def _error(overrides: dict) -> str:
+    with pytest.raises(ConfigError) as exc:
+        experiment_from_dict(overrides).validate()
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides, field, fragment", [
+    ({"model": {"transformer_impl": "te"}}, "model.transformer_impl", "transformer_engine"),
+    ({"train": {"fp8": "e5m2"}}, "train.fp8", "hybrid"),
+    ({"train": {"fp8_recipe": "mxfp8"}}, "train.fp8_recipe", "blockwise"),
+    ({"train": {"fp8_amax_history_len": 0}}, "train.fp8_amax_history_len", ">= 1"),
+])
+def test_bad_values(overrides, field, fragment):
+    message = _error(overrides)
+    assert field in message and fragment in message
+
+
+@pytest.mark.skipif(not NO_TE, reason="Transformer Engine on a GPU is present")
+def test_cpu_rejects_te_and_fp8_in_one_line():
+    assert "needs Transformer Engine on a GPU" in _error({"train": {"fp8": "hybrid"}})
+    assert "needs Transformer Engine on a GPU" in _error({"model": {"transformer_impl": "transformer_engine"}})
+    cfg = ExperimentConfig().validate()
+    assert cfg.model.transformer_impl == "auto" and cfg.model.resolved_transformer_impl() == "local"
+    if not platform.HAS_CUDA:  # the platform answers both GPU questions with False on CPU
+        assert platform.has_transformer_engine() is False and platform.has_triton_gpu() is False
+
+
+def test_model_yamls_carry_the_key():
+    import glob
+    import os
+
+    from omegaconf import OmegaConf
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    for path in glob.glob(os.path.join(root, "model", "*.yaml")):
+        assert OmegaConf.load(path).model.transformer_impl == "auto", path
+    for path in glob.glob(os.path.join(root, "train", "*.yaml")):
+        train = OmegaConf.load(path)
+        assert train.fp8 is None and train.fp8_recipe == "delayed", path
+
+
+@pytest.mark.skipif(not NO_TE, reason="Transformer Engine on a GPU is present")
+def test_transformer_config_on_cpu_is_the_local_path():
+    from rexmoe_train.model.experts import ExpertBank, TEExpertBank, bank_class
+    from rexmoe_train.model.gpt import transformer_config, uses_transformer_engine
+
+    cfg = ExperimentConfig().validate()
+    assert not uses_transformer_engine(cfg)
+    tc = transformer_config(cfg)
+    assert tc.moe_grouped_gemm is False and tc.fp8 is None
+    from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+
+    assert bank_class(SequentialMLP) is ExpertBank
+    assert TEExpertBank is not None and bank_class(TEGroupedMLP) is TEExpertBank
+
+
+@pytest.mark.gpu
+def test_te_layer_specs_on_gpu():
+    if NO_TE:
+        pytest.skip("transformer_engine not importable")
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    from rexmoe_train.model.gpt import fp8_fields, layer_specs, transformer_config
+    from rexmoe_train.model.moe_layer import ReXMoEContext
+
+    cfg = experiment_from_dict({"model": {"transformer_impl": "transformer_engine"},
+                                "train": {"fp8": "hybrid"}}).validate()
+    assert transformer_config(cfg).moe_grouped_gemm is True
+    assert fp8_fields(cfg)["fp8"] == "hybrid"
+    from rexmoe_train.model.reuse import ReusePlan
+
+    context = ReXMoEContext(plan=ReusePlan.from_config(cfg), rexmoe=cfg.rexmoe, psr_state=None, banks=None)
+    spec = layer_specs(cfg, context)[0]
+    assert spec.submodules.mlp.submodules.experts.module is TEGroupedMLP
