@@ -1,0 +1,191 @@
+"""`rexmoe-convert`: checkpoints to and from Hugging Face, upcycling, inspection.
+
+  rexmoe-convert export-hf CKPT OUT [--compact] [--tokenizer tokenizer.json]
+  rexmoe-convert import-hf HF_DIR OUT                     (an export of ours, unrolled or compact)
+  rexmoe-convert upcycle CKPT OUT --reuse-group-size R    (a vanilla r=1 checkpoint -> ReXMoE)
+  rexmoe-convert inspect CKPT [--ep N]
+
+CKPT is a training checkpoint directory (with latest_checkpointed_iteration.txt) or one iter_*
+directory, saved in any parallel layout. A bad input exits with status 2 and one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _export(args) -> str:
+    from rexmoe_train.convert import checkpoint_io
+    from rexmoe_train.convert.export import export_compact, export_hf
+
+    cfg, model, meta = checkpoint_io.load_model(Path(args.checkpoint))
+    state = model.chunks[0].state_dict()
+    vocab = model.vocab_size
+    source = str(Path(args.checkpoint).resolve())
+    if args.compact:
+        out = export_compact(cfg, state, int(meta["model"]["model.vocab_size"]), Path(args.out),
+                             source=source, overwrite=args.overwrite)
+    else:
+        tokenizer = Path(args.tokenizer) if args.tokenizer else None
+        if tokenizer is not None and not tokenizer.is_file():
+            raise _error(f"--tokenizer {tokenizer}: no such file")
+        out = export_hf(cfg, state, vocab, Path(args.out), tokenizer_file=tokenizer, source=source,
+                        tokenizer_vocab_size=int(meta["model"]["model.vocab_size"]), overwrite=args.overwrite)
+    return f"exported {checkpoint_io.describe_meta(meta)} to {out}"
+
+
+def _import(args) -> str:
+    import torch
+
+    from rexmoe_train.config.schema import ConfigError, experiment_from_dict
+    from rexmoe_train.convert import checkpoint_io
+    from rexmoe_train.convert.export import EXPORT_META, load_hf_tensors
+    from rexmoe_train.convert.transforms import from_hf_unrolled
+
+    folder = Path(args.hf_dir)
+    try:
+        export_meta = json.loads((folder / EXPORT_META).read_text())
+        cfg = checkpoint_io.single_process(experiment_from_dict(export_meta["experiment"]))
+    except FileNotFoundError:
+        raise _error(f"{folder}: no {EXPORT_META}: only exports made by `rexmoe-convert export-hf` "
+                     "can be imported (stock HF MoE checkpoints: not supported yet)") from None
+    except (ValueError, KeyError, ConfigError) as err:
+        raise _error(f"{folder / EXPORT_META}: unreadable ({err})") from None
+    tensors = load_hf_tensors(folder)
+    vocab = int(export_meta["vocab_size"])  # the tokenizer's; the embedding is padded from it
+    state = tensors if export_meta["format"] == "rexmoe-compact" else from_hf_unrolled(cfg, tensors)
+    model = checkpoint_io.build_single_process(cfg, vocab)
+    chunk = model.chunks[0]
+    expected = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+    for key, value in expected.items():
+        if key not in state:
+            raise _error(f"{folder}: tensor {key} missing")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise _error(f"{folder}: {key} has shape {tuple(state[key].shape)}, the config needs "
+                         f"{tuple(value.shape)}")
+    with torch.no_grad():
+        chunk.load_state_dict(state, strict=False)
+    out = checkpoint_io.save_model(cfg, model, vocab, Path(args.out), step=args.step, source=str(folder),
+                                   overwrite=args.overwrite)
+    return f"imported {folder} ({export_meta['format']}) as a model-only checkpoint at {out}"
+
+
+def _upcycle(args) -> str:
+    import torch
+
+    from rexmoe_train.convert import checkpoint_io
+    from rexmoe_train.convert.transforms import upcycle, upcycle_config
+
+    vanilla_cfg, vanilla, meta = checkpoint_io.load_model(Path(args.checkpoint))
+    step = meta["step"]
+    target = upcycle_config(vanilla_cfg, args.reuse_group_size, start_step=step + 1)
+    state = upcycle(vanilla_cfg, vanilla.chunks[0].state_dict(), target)
+    vocab = int(meta["model"]["model.vocab_size"])
+    model = checkpoint_io.build_single_process(target, vocab)
+    with torch.no_grad():
+        result = model.chunks[0].load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise _error(f"upcycle: the target model has tensors the source lacks: {missing[:3]}")
+    out = checkpoint_io.save_model(target, model, vocab, Path(args.out), step=step,
+                                   source=str(Path(args.checkpoint).resolve()), overwrite=args.overwrite)
+    psr = target.rexmoe.psr
+    return (f"upcycled {checkpoint_io.describe_meta(meta)} to r={args.reuse_group_size} at {out}; "
+            f"PSR keeps each layer's own experts until step {psr.start_step} (mask on logits) and opens "
+            f"to r*N by step {psr.end_step}. Continue with:\n  rexmoe-train checkpoint.load={out} "
+            f"rexmoe.reuse_group_size={args.reuse_group_size} rexmoe.psr.schedule={psr.schedule} "
+            f"rexmoe.psr.mask_on=logits rexmoe.psr.protect_local=true rexmoe.psr.start_step={psr.start_step} "
+            f"rexmoe.psr.end_step={psr.end_step} <the rest of the original run's overrides>")
+
+
+def _inspect(args) -> str:
+    from rexmoe_train.convert import checkpoint_io
+    from rexmoe_train.tools.dry_run import parameter_counts
+
+    iter_dir = checkpoint_io.resolve(Path(args.checkpoint))
+    cfg, meta = checkpoint_io.read_checkpoint_config(iter_dir)
+    vocab = int(meta["model"]["model.vocab_size"])
+    if args.ep:
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert_model_parallel_size=args.ep))
+    from rexmoe_train.model.reuse import ReusePlan
+    from rexmoe_train.parallel.placement import ExpertPlacement
+
+    plan = ReusePlan.from_config(cfg)
+    counts = parameter_counts(cfg, vocab)
+    group = plan.groups[0]
+    placement = ExpertPlacement(group.experts_per_layer, group.size, cfg.parallel.expert_model_parallel_size)
+    m, r = cfg.model, cfg.rexmoe
+    lines = [
+        f"checkpoint: {iter_dir}",
+        f"  {checkpoint_io.describe_meta(meta)}",
+        f"model: {m.num_layers} layers ({m.first_k_dense_layers} dense), hidden {m.hidden_size}, heads "
+        f"{m.num_attention_heads}/{m.num_query_groups or m.num_attention_heads}, top-{m.moe_router_topk} of "
+        f"{m.num_moe_experts} experts x {m.moe_ffn_hidden_size}, shared {m.moe_shared_expert_intermediate_size}",
+        f"rexmoe: r={r.reuse_group_size} ({len(plan.groups)} groups), gating {r.gating}, PSR {r.psr.schedule} "
+        f"{r.psr.start_step}->{r.psr.end_step} (mask on {r.psr.mask_on}, protect_local={r.psr.protect_local})",
+        "parameters: total {total:,}; active per token {active_per_token:,}; experts {experts:,}; "
+        "routers {routers:,} (+{router_overhead_vs_vanilla:,} vs vanilla, {pct:.3f}%)".format(
+            pct=100 * counts["router_overhead_vs_vanilla"] / counts["total"], **counts),
+        placement.describe(),
+    ]
+    return "\n".join(lines)
+
+
+def _error(message: str) -> Exception:
+    from rexmoe_train.convert.hf_format import ConvertError
+
+    return ConvertError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rexmoe-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export-hf", help="checkpoint -> stock Qwen2-MoE folder (or --compact)")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--compact", action="store_true", help="experts stored once + mapping (our loader)")
+    e.add_argument("--tokenizer", help="a tokenizer.json to copy into the export")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(run=_export)
+    i = sub.add_parser("import-hf", help="an export of ours -> model-only training checkpoint")
+    i.add_argument("hf_dir")
+    i.add_argument("out")
+    i.add_argument("--step", type=int, default=0, help="the step the checkpoint claims (default 0)")
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(run=_import)
+    u = sub.add_parser("upcycle", help="vanilla MoE checkpoint -> ReXMoE checkpoint")
+    u.add_argument("checkpoint")
+    u.add_argument("out")
+    u.add_argument("--reuse-group-size", "-r", type=int, required=True)
+    u.add_argument("--overwrite", action="store_true")
+    u.set_defaults(run=_upcycle)
+    s = sub.add_parser("inspect", help="config, layout, parameter counts, placement map")
+    s.add_argument("checkpoint")
+    s.add_argument("--ep", type=int, default=None, help="show the placement for this expert-parallel size")
+    s.set_defaults(run=_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    # torch.distributed.checkpoint warns about its own deprecations on every load/save
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = parser().parse_args(argv)
+    from rexmoe_train.config.schema import ConfigError
+    from rexmoe_train.convert.hf_format import ConvertError
+
+    try:
+        print(args.run(args), flush=True)
+    except (ConvertError, ConfigError) as err:
+        print(f"rexmoe-convert {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

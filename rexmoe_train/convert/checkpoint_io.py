@@ -1,0 +1,130 @@
+"""Read and write training checkpoints (training/checkpoint.py's layout) in ONE process, for the
+converters. dist_checkpointing reshards on load, so a checkpoint saved in any parallel layout loads
+into the 1-process model here; and a model-only checkpoint written here is what `rexmoe-train
+checkpoint.load=...` starts from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from rexmoe_train import platform
+
+platform.setup()  # before megatron: it binds torch.cuda names at import
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig, ParallelConfig, experiment_from_dict  # noqa: E402
+from rexmoe_train.convert.hf_format import ConvertError  # noqa: E402
+from rexmoe_train.model.gpt import ReXMoEModel, build_model  # noqa: E402
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from rexmoe_train.training import checkpoint as ckpt  # noqa: E402
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint root (with the pointer file) or an iter_* directory -> the iter_* directory."""
+    if not path.exists():
+        raise ConvertError(f"{path}: no such checkpoint directory")
+    if (path / ckpt.TRACKER).exists():
+        try:
+            return path / ckpt.iter_name(ckpt.read_tracker(path))
+        except ckpt.CheckpointError as err:
+            raise ConvertError(str(err)) from None
+    if (path / ckpt.META).exists():
+        return path
+    raise ConvertError(f"{path}: not a ReXMoE checkpoint (neither {ckpt.TRACKER} nor {ckpt.META} found)")
+
+
+def read_checkpoint_config(iter_dir: Path) -> tuple[ExperimentConfig, dict]:
+    try:
+        meta = ckpt.read_metadata(iter_dir)
+    except ckpt.CheckpointError as err:
+        raise ConvertError(str(err)) from None
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(iter_dir / ckpt.CONFIG), resolve=True)
+        cfg = experiment_from_dict(data)
+    except (OSError, ConfigError, ValueError) as err:
+        raise ConvertError(f"{iter_dir / ckpt.CONFIG}: unusable config ({err})") from None
+    return cfg, meta
+
+
+def single_process(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same model in a 1-process layout (fp32, default dispatcher)."""
+    train = dataclasses.replace(cfg.train, bf16=False)
+    return dataclasses.replace(cfg, parallel=ParallelConfig(), train=train)
+
+
+def build_single_process(cfg: ExperimentConfig, vocab_size: int) -> ReXMoEModel:
+    init_distributed()
+    platform.reset_megatron_global_state()
+    init_model_parallel(cfg.parallel, cfg.train.seed)
+    return build_model(cfg, vocab_size)
+
+
+def load_model(path: Path) -> tuple[ExperimentConfig, ReXMoEModel, dict]:
+    """Load a checkpoint's model into one process. Returns (1-process config, model, metadata)."""
+    iter_dir = resolve(path)
+    saved_cfg, meta = read_checkpoint_config(iter_dir)
+    cfg = single_process(saved_cfg)
+    vocab = int(meta["model"]["model.vocab_size"])
+    model = build_single_process(cfg, vocab)
+    chunk = model.chunks[0]
+    sharded = {"model": chunk.sharded_state_dict(metadata=ckpt.sharding_metadata(cfg))}
+    loaded = dist_checkpointing.load(sharded, str(iter_dir))
+    chunk.load_state_dict(loaded["model"], strict=False)
+    model.psr_state.set_step(meta["step"])
+    return cfg, model, meta
+
+
+def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: Path, *, step: int,
+               source: str, overwrite: bool = False) -> Path:
+    """A model-only checkpoint (no optimizer state): `rexmoe-train checkpoint.load=OUT` starts from
+    it with a fresh optimizer at step ``step``."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"output directory {out} exists and is not empty (pass --overwrite)")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    iter_dir = tmp / ckpt.iter_name(step)
+    iter_dir.mkdir(parents=True)
+    try:
+        chunk = model.chunks[0]
+        dist_checkpointing.save({"model": chunk.sharded_state_dict(metadata=ckpt.sharding_metadata(cfg))},
+                                str(iter_dir), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        (iter_dir / ckpt.CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+        meta = {
+            "format": ckpt.FORMAT_VERSION,
+            "step": step,
+            "model_only": True,
+            "source": source,
+            "model": ckpt.model_signature(cfg, vocab_size),
+            "padded_vocab_size": model.vocab_size,
+            "parallel": ckpt.parallel_signature(cfg, 1),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "megatron_backend": "torch_dist",
+        }
+        meta["files"] = {p.name: p.stat().st_size for p in iter_dir.iterdir() if p.is_file()}
+        (iter_dir / ckpt.META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / ckpt.TRACKER).write_text(f"{step}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def describe_meta(meta: dict, step_override: Optional[int] = None) -> str:
+    par = meta["parallel"]
+    return (f"step {step_override or meta['step']}, saved with world size {par['world_size']} "
+            f"(tp={par['tensor_model_parallel_size']} pp={par['pipeline_model_parallel_size']} "
+            f"ep={par['expert_model_parallel_size']}), "
+            f"{'model only' if meta.get('model_only') else 'model + optimizer'}")

@@ -1,0 +1,101 @@
+"""The real `rexmoe-convert` CLI on real training checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.num_layers=4", "model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_length=32",
+        "train.micro_batch_size=2", "train.global_batch_size=2", "train.lr_warmup_iters=1",
+        "train.train_iters=2", "train.eval_interval=100", "run.progress=false"]
+
+
+def run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return run("rexmoe_train.cli.convert", *args)
+
+
+@pytest.fixture(scope="module")
+def vanilla_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vanilla")
+    proc = run("rexmoe_train.cli.train", *TINY, "rexmoe.reuse_group_size=1", f"run.dir={root / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "run" / "checkpoints"
+
+
+def _logits(model, x):
+    pos = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
+    chunk = model.chunks[0].eval()
+    with torch.no_grad():
+        return chunk(x, pos, None)
+
+
+def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_world):
+    from rexmoe_train.convert import checkpoint_io
+
+    up = tmp_path / "up"
+    proc = convert("upcycle", str(vanilla_checkpoint), str(up), "-r", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rexmoe-train checkpoint.load=" in proc.stdout
+
+    # outputs equal at the step training resumes from (step 3: only the layers' own experts open)
+    x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, vanilla, _ = checkpoint_io.load_model(vanilla_checkpoint)
+    want = _logits(vanilla, x)
+    cfg, upcycled, meta = checkpoint_io.load_model(up)
+    assert cfg.rexmoe.reuse_group_size == 4 and meta["model_only"]
+    upcycled.psr_state.set_step(meta["step"] + 1)
+    torch.testing.assert_close(_logits(upcycled, x), want, rtol=0, atol=1e-6)
+
+    # export -> import through the CLI: bitwise the same weights
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    assert convert("export-hf", str(up), str(hf)).returncode == 0
+    proc = convert("import-hf", str(hf), str(back), "--step", str(meta["step"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    original = {k: v.clone() for k, v in upcycled.chunks[0].state_dict().items() if torch.is_tensor(v)}
+    _, imported, _ = checkpoint_io.load_model(back)
+    reloaded = {k: v for k, v in imported.chunks[0].state_dict().items() if torch.is_tensor(v)}
+    assert set(reloaded) == set(original)
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+    proc = convert("inspect", str(up), "--ep", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "r=4 (1 groups)" in proc.stdout and "ExpertPlacement N=8 r=4 ep=2" in proc.stdout
+    assert "routers 8,192 (+6,144 vs vanilla" in proc.stdout
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, vanilla_checkpoint):
+    """Bad inputs: wrong path, not a checkpoint, wrong architecture, mismatched r, corrupt file."""
+    not_ckpt = tmp_path / "empty"
+    not_ckpt.mkdir()
+    corrupt = tmp_path / "corrupt"
+    assert convert("export-hf", str(vanilla_checkpoint), str(corrupt)).returncode == 0
+    shard = sorted(corrupt.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    reused = tmp_path / "reused"
+    assert convert("upcycle", str(vanilla_checkpoint), str(reused), "-r", "2").returncode == 0
+    cases = [
+        (["export-hf", str(tmp_path / "missing"), str(tmp_path / "o1")], "no such checkpoint directory"),
+        (["inspect", str(not_ckpt)], "not a ReXMoE checkpoint"),
+        (["import-hf", str(not_ckpt), str(tmp_path / "o2")], "only exports made by"),
+        (["import-hf", str(corrupt), str(tmp_path / "o3")], "cannot read safetensors"),
+        (["upcycle", str(reused), str(tmp_path / "o4"), "-r", "4"], "must be a vanilla MoE"),
+    ]
+    for args, message in cases:
+        proc = convert(*args)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (args, proc.stderr[-1500:])
+        assert len(lines) == 1 and message in lines[0], (args, proc.stderr[-1500:])
+        out = Path(args[2]) if len(args) > 2 else None
+        assert out is None or not out.exists(), f"{args[0]} left output behind"
