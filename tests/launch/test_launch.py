@@ -1,0 +1,39 @@
+"""The launch scripts: syntax, and a real 2-process run through launch/torchrun.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/slurm.sbatch"])
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+def test_torchrun_sh_bad_nproc_one_line():
+    proc = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), "zero"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_two_process_expert_parallel_run(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch/torchrun.sh"), "2", "train.train_iters=3", "train.lr_warmup_iters=1",
+         "train.eval_interval=3", "parallel.expert_model_parallel_size=2", "run.progress=false",
+         f"run.dir={run_dir}", f"checkpoint.save={tmp_path / 'ckpt'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert json.loads((run_dir / "model.json").read_text())["world_size"] == 2

@@ -1,0 +1,56 @@
+"""Dry run: the analytic counts equal a built model's, and the paper's models come out as published."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rexmoe_train.config.schema import experiment_from_dict
+from rexmoe_train.tools.dry_run import describe, parameter_counts
+from tests.helpers import tiny_config
+
+CONFIGS = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs")
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(CONFIGS, version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data["run"]["dir"] = "unused"
+    return experiment_from_dict(data)
+
+
+@pytest.mark.parametrize("r,dense,shared", [(4, 0, None), (2, 2, 32), (1, 0, None)])
+def test_counts_equal_built_model(layout, r, dense, shared):
+    from rexmoe_train.model.gpt import build_model
+
+    cfg = tiny_config(r=r, layers=4 + dense)
+    cfg.model.first_k_dense_layers = dense
+    cfg.model.moe_shared_expert_intermediate_size = shared
+    layout(cfg.parallel)
+    model = build_model(cfg, 257).chunks[0]
+    named = list(model.named_parameters())
+    counts = parameter_counts(cfg, 257)
+    assert counts["total"] == sum(p.numel() for _, p in named)
+    assert counts["experts"] == sum(p.numel() for n, p in named if n.startswith("expert_banks."))
+    assert counts["routers"] == sum(p.numel() for n, p in named if ".router." in n)
+
+
+def test_paper_2p3b_matches_published_sizes():
+    cfg = compose_config("model=rexmoe_2.3b", "train=paper")
+    counts = parameter_counts(cfg, 32000)
+    assert 2.3e9 < counts["total"] < 2.5e9  # "2.3B"
+    assert 0.3e9 < counts["active_per_token"] < 0.4e9  # "A0.3B"
+    overhead = counts["router_overhead_vs_vanilla"] / counts["total"]
+    assert 0.0010 < overhead < 0.0016  # the paper: about +0.14% at r=4
+
+
+def test_describe_ep2_pp2_layout_without_training():
+    cfg = compose_config("model=tiny", "rexmoe.reuse_group_size=2",
+                         "parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2")
+    text = describe(cfg, 257)
+    assert "world size 4: tp=1 pp=2" in text and "ep=2" in text
+    assert "stage 0 chunk 0: layers 1-2, reuse groups [0]" in text
+    assert "stage 1 chunk 0: layers 3-4, reuse groups [1]" in text
+    assert "candidate    9 (owner +1, expert   1) -> rank 0, slot 5" in text
