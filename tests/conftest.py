@@ -11,6 +11,33 @@ import os
 
 import pytest
 
+
+def _import_triton_for_the_interpreter() -> None:
+    """tests/kernels runs the Triton kernels on CPU through TRITON_INTERPRET=1. triton reads that
+    variable when a function is decorated, and its standard library (tl.max, tl.sum, ...) is decorated
+    when triton.language is first imported, which torch._dynamo does as a side effect of any megatron
+    import. So on a CUDA-less machine import triton here, first, with the variable set, then restore
+    the environment: no other test or subprocess sees the variable, and on CPU compiled Triton cannot
+    run anyway. The kernel tests set the variable again for their own duration (monkeypatch)."""
+    import torch
+
+    if torch.cuda.is_available() or "triton" in __import__("sys").modules:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except Exception:  # not installed: the kernel tests skip with a reason
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_for_the_interpreter()
+
 IN_TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
 
 # tests/dist needs a multi-process world; plain pytest skips collecting it.

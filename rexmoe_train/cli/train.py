@@ -2,7 +2,10 @@
 
 Composes configs/ (override anything on the command line: `model=rexmoe_0.5b rexmoe.reuse_group_size=1
 train.train_iters=100`), validates it into typed dataclasses before anything is built, then trains.
-A bad value exits with status 2 and one line naming the field and what is allowed.
+A bad value exits with status 2 and one line naming the field and what is allowed; so does a missing,
+damaged or mismatched checkpoint. Exit 75: pre-empted (SIGTERM/SIGUSR1) or out of time
+(checkpoint.exit_duration_mins), checkpoint saved: run again to resume. Exit 3: halted after more
+than checkpoint.max_skipped_steps non-finite steps. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def dry_run(experiment) -> int:
+    """Describe the run without building it: no process group, no megatron, no data read."""
+    from rexmoe_train.tools.dry_run import describe
+
+    if experiment.data.source == "embedded":
+        from rexmoe_train.data import ByteTokenizer
+
+        vocab = ByteTokenizer().vocab_size
+    else:
+        from rexmoe_train.data.text_tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(experiment.data.tokenizer).vocab_size
+    vocab = experiment.model.vocab_size or vocab
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            print(describe(experiment, vocab, world_size=world, bf16=experiment.train.bf16 is not False),
+                  flush=True)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+    return 0
+
+
 @hydra.main(config_path=config_dir(), config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> None:
     data = resolved(cfg)
@@ -35,22 +62,32 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
+    if experiment.run.dry_run:
+        sys.exit(dry_run(experiment))
+    from rexmoe_train.training.checkpoint import CheckpointError, TrainingHalted, EXIT_HALTED
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
     try:
         trainer = Trainer(experiment, resolved_config=data)
-    except ConfigError as err:  # layout checks that need the world size
+    except (ConfigError, CheckpointError) as err:  # layout checks; a missing/bad/mismatched checkpoint
         print(err, file=sys.stderr)
         sys.exit(2)
-    history = trainer.run()
+    try:
+        history = trainer.run()
+    except TrainingHalted as err:
+        print(err, file=sys.stderr)
+        sys.exit(EXIT_HALTED)
     if trainer.rank == 0:
         last = next((h for h in reversed(history) if "loss" in h), {})
-        evals = [h["val_loss"] for h in history if "val_loss" in h]
-        summary = f"[done] {trainer.step} steps; final train loss {last.get('loss', float('nan')):.4f}"
+        evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+        summary = f"[done] step {trainer.step}; final train loss {last.get('loss', float('nan')):.4f}"
         if evals:
-            summary += f"; val_loss {evals[0]:.4f} (step 0) -> {evals[-1]:.4f}"
+            (first_step, first), (last_step, final) = evals[0], evals[-1]
+            summary += f"; val_loss {first:.4f} (step {first_step}) -> {final:.4f} (step {last_step})"
         print(summary, flush=True)
         print(f"[done] run dir: {experiment.run.dir} (config.yaml, metrics.jsonl)", flush=True)
+    if trainer.exit_code:  # 75: pre-empted / out of time, checkpoint saved (launch/slurm.sbatch requeues)
+        sys.exit(trainer.exit_code)
 
 
 def main() -> None:

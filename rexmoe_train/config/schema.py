@@ -36,10 +36,13 @@ GATINGS = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
 PSR_SCHEDULES = ("linear", "stepwise", "cosine", "none")
 PSR_MASK_ON = ("scores", "logits")
 BALANCE_SCOPES = ("micro_batch", "global_batch")
-DISPATCHERS = ("alltoall", "allgather")
+DISPATCHERS = ("alltoall", "allgather", "rexmoe_dedup")  # rexmoe_dedup: parallel/dispatcher.py
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
+TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")  # auto: TE when platform has it (GPU + TE)
+FP8_FORMATS = (None, "hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclass
@@ -112,10 +115,19 @@ class ModelConfig:
     vocab_size: Optional[int] = None  # None: from the tokenizer
     make_vocab_size_divisible_by: int = 64
     max_position_embeddings: Optional[int] = None  # None: train.seq_length
+    transformer_impl: str = "auto"  # local (megatron torch modules) | transformer_engine | auto
 
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_k_dense_layers
+
+    def resolved_transformer_impl(self) -> str:
+        """"local" or "transformer_engine": auto is TE exactly when the platform has TE on a GPU."""
+        if self.transformer_impl != "auto":
+            return self.transformer_impl
+        from rexmoe_train import platform  # local: keeps config import light
+
+        return "transformer_engine" if platform.has_transformer_engine() else "local"
 
     def validate(self, path: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_moe_experts",
@@ -142,6 +154,13 @@ class ModelConfig:
                       self.moe_shared_expert_intermediate_size, 1)
         _one_of(f"{path}.normalization", self.normalization, NORMALIZATIONS)
         _at_least(f"{path}.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)
+        _one_of(f"{path}.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if self.transformer_impl == "transformer_engine":
+            from rexmoe_train import platform
+
+            if not platform.has_transformer_engine():
+                _fail(f"{path}.transformer_impl", self.transformer_impl,
+                      "needs Transformer Engine on a GPU (not available here); use local or auto")
 
 
 @dataclass
@@ -190,6 +209,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     bf16: Optional[bool] = None  # None: the platform default (bf16 on GPU, fp32 on CPU)
+    fp8: Optional[str] = None  # None | hybrid | e4m3: TE fp8 GEMMs (GPU + transformer_engine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise (megatron's Fp8Recipe names)
+    fp8_amax_history_len: int = 1024  # delayed scaling: amax window (megatron's default is 1)
     log_interval: int = 1
     eval_interval: int = 50
     eval_iters: int = 4  # validation micro-batches per evaluation (per data-parallel rank)
@@ -213,6 +235,9 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 _fail(f"{path}.{name}", getattr(self, name), "must be in [0, 1)")
         _at_least(f"{path}.clip_grad", self.clip_grad, 0.0)
+        _one_of(f"{path}.fp8", self.fp8, FP8_FORMATS)
+        _one_of(f"{path}.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        _at_least(f"{path}.fp8_amax_history_len", self.fp8_amax_history_len, 1)
         _at_least(f"{path}.weight_decay", self.weight_decay, 0.0)
         if self.global_batch_size % self.micro_batch_size:
             _fail(f"{path}.global_batch_size", self.global_batch_size,
@@ -221,16 +246,72 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded: the Python standard library's sources, byte tokenizer
-    valid_fraction: float = 0.02
+    source: str = "embedded"  # embedded: the Python standard library's sources, byte tokenizer;
+    #                           indexed: megatron .bin/.idx datasets made by rexmoe-preprocess
+    valid_fraction: float = 0.02  # embedded only
     max_bytes: Optional[int] = None  # cap on the embedded corpus (whole documents)
+    # indexed only (rexmoe_train/data/indexed.py):
+    blend: Optional[list] = None  # [w1, prefix1, w2, prefix2, ...], or [prefix, ...] (weights by size)
+    split: str = "98,2,0"  # train,valid,test shares of each dataset's documents
+    tokenizer: str = "byte"  # byte | path to the tokenizer.json the data was preprocessed with
+    cache_dir: Optional[str] = None  # megatron's sample-index cache; None: <run.dir>/data_cache
+
+    def blend_spec(self, path: str = "data") -> tuple[list[str], Optional[list[float]]]:
+        """``data.blend`` as megatron's (prefixes, weights or None)."""
+        blend = [self.blend] if isinstance(self.blend, str) else self.blend
+        allowed = "must be a non-empty list [weight1, prefix1, weight2, prefix2, ...] or [prefix, ...]"
+        if not isinstance(blend, (list, tuple)) or not blend:
+            _fail(f"{path}.blend", self.blend, allowed)
+        if all(isinstance(item, str) for item in blend):
+            prefixes, weights = list(blend), None
+        else:
+            if len(blend) % 2:
+                _fail(f"{path}.blend", self.blend, allowed + " (odd length)")
+            weights, prefixes = list(blend[0::2]), list(blend[1::2])
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+                _fail(f"{path}.blend", self.blend, allowed + ": weights must be numbers > 0")
+            weights = [float(w) for w in weights]
+        if not all(isinstance(p, str) and p.strip() for p in prefixes):
+            _fail(f"{path}.blend", self.blend, allowed + ": prefixes must be non-empty paths")
+        return prefixes, weights
+
+    def split_shares(self, path: str = "data") -> list[float]:
+        """``data.split`` as [train, valid, test] shares (unnormalised)."""
+        parts = [p.strip() for p in str(self.split).split(",")]
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            shares = []
+        if not 1 <= len(shares) <= 3 or any(not 0 <= s < float("inf") for s in shares):
+            _fail(f"{path}.split", self.split, 'must be up to 3 comma-separated shares >= 0, e.g. "98,2,0"')
+        shares += [0.0] * (3 - len(shares))
+        if shares[0] <= 0 or shares[1] <= 0:
+            _fail(f"{path}.split", self.split,
+                  "the train and valid shares must be > 0 (validation runs from step 0)")
+        return shares
 
     def validate(self, path: str = "data") -> None:
-        _one_of(f"{path}.source", self.source, ("embedded",))
+        _one_of(f"{path}.source", self.source, ("embedded", "indexed"))
         if not 0 < self.valid_fraction < 1:
             _fail(f"{path}.valid_fraction", self.valid_fraction, "must be in (0, 1)")
         if self.max_bytes is not None:
             _at_least(f"{path}.max_bytes", self.max_bytes, 1)
+        if not self.tokenizer or not self.tokenizer.strip():
+            _fail(f"{path}.tokenizer", self.tokenizer, "must be byte or a path to a tokenizer.json")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            _fail(f"{path}.cache_dir", self.cache_dir, "must be null or a non-empty path")
+        if self.source == "embedded":
+            if self.blend is not None:
+                _fail(f"{path}.blend", self.blend, f"is read only with {path}.source=indexed")
+            if self.tokenizer != "byte":
+                _fail(f"{path}.tokenizer", self.tokenizer,
+                      f"must be byte with {path}.source=embedded (the embedded corpus is byte-tokenized)")
+        else:
+            if self.blend is None:
+                _fail(f"{path}.blend", None, f"must list the dataset prefixes with {path}.source=indexed "
+                                             "(make them with rexmoe-preprocess)")
+            self.blend_spec(path)
+            self.split_shares(path)
 
 
 @dataclass
@@ -247,12 +328,41 @@ class WandbConfig:
 class RunConfig:
     dir: str = "runs/default"
     progress: bool = True
+    dry_run: bool = False  # validate, print layout / placement / parameter and memory estimates, exit
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, path: str = "run") -> None:
         if not self.dir:
             _fail(f"{path}.dir", self.dir, "must be a non-empty path")
         self.wandb.validate(f"{path}.wandb")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints (megatron dist_checkpointing, torch_dist), resume, pre-emption, numerics guard.
+
+    See docs/reliability.md. Exit status 75 means "pre-empted or out of time, checkpoint saved"."""
+
+    save: Optional[str] = None  # None: <run.dir>/checkpoints
+    load: Optional[str] = None  # None: resume from `save` if it holds latest_checkpointed_iteration.txt
+    save_interval: int = 0  # steps between saves; 0: only at the end and on pre-emption
+    keep_last_n: Optional[int] = 3  # iter_* dirs kept after a save; None keeps all
+    load_optimizer: bool = True  # false: load model, LR schedule and step only (any layout)
+    exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75
+    exit_duration_mins: Optional[float] = None  # wall-clock budget: save and exit 75 when spent
+    max_skipped_steps: int = 10  # non-finite loss/grad-norm steps skipped before halting
+
+    def validate(self, path: str = "checkpoint") -> None:
+        for name in ("save", "load"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                _fail(f"{path}.{name}", value, "must be null or a non-empty path")
+        _at_least(f"{path}.save_interval", self.save_interval, 0)
+        if self.keep_last_n is not None:
+            _at_least(f"{path}.keep_last_n", self.keep_last_n, 1)
+        if self.exit_duration_mins is not None and self.exit_duration_mins <= 0:
+            _fail(f"{path}.exit_duration_mins", self.exit_duration_mins, "must be null or > 0")
+        _at_least(f"{path}.max_skipped_steps", self.max_skipped_steps, 0)
 
 
 @dataclass
@@ -263,6 +373,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: Optional[int] = None) -> "ExperimentConfig":
         """Check every field and the cross-field rules. ``world_size`` adds the layout checks."""
@@ -272,6 +383,7 @@ class ExperimentConfig:
         self.train.validate()
         self.data.validate()
         self.run.validate()
+        self.checkpoint.validate()
         m, r, p = self.model, self.rexmoe, self.parallel
         if m.num_moe_layers % r.reuse_group_size and not r.allow_partial_last_group:
             _fail("rexmoe.reuse_group_size", r.reuse_group_size,
@@ -290,6 +402,10 @@ class ExperimentConfig:
         if self.train.seq_length % p.tensor_model_parallel_size:
             _fail("train.seq_length", self.train.seq_length,
                   "must be divisible by parallel.tensor_model_parallel_size (sequence parallelism)")
+        if self.train.fp8 is not None and m.resolved_transformer_impl() != "transformer_engine":
+            _fail("train.fp8", self.train.fp8,
+                  "needs Transformer Engine on a GPU (model.transformer_impl resolves to local here); "
+                  "use train.fp8=null")
         from rexmoe_train.model.reuse import ReusePlan  # local: keeps config import light
 
         ReusePlan.from_config(self).check_pipeline_split(

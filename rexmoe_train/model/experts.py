@@ -9,6 +9,10 @@ unregistered references, so parameters, gradients and checkpoints see each exper
 Checkpoint keys are by (owner MoE layer, expert) — ``expert_banks.experts.<param>`` with global shape
 [num_moe_layers, N, ...] — i.e. independent of r, of the placement and of the EP size, and the same
 layout megatron uses for a vanilla model's per-layer experts.
+
+On the Transformer Engine path (``model.transformer_impl``) the bank is a TEGroupedMLP instead
+(``TEExpertBank``: grouped GEMMs, fp8-capable) with the same checkpoint keys; ``bank_class`` picks
+the bank from the experts module of the layer spec.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ from rexmoe_train import platform
 
 platform.setup()  # before megatron: it binds torch.cuda names at import
 
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group  # noqa: E402
+
+try:  # the TE bank's base class; megatron defines it without TE, guard anyway (older/newer mcore)
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory  # noqa: E402
+    from megatron.core.transformer.moe.experts import TEGroupedMLP  # noqa: E402
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the megatron build
+    TEGroupedMLP = None
 
 from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
 from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
@@ -63,6 +75,77 @@ class ExpertBank(SequentialMLP):
                 tensor.replica_id = (*tensor.replica_id[:2], self.dp_group.rank())
             out.update(expert_sd)
         return out
+
+
+if TEGroupedMLP is not None:
+
+    class TEExpertBank(TEGroupedMLP):
+        """The bank on the Transformer Engine path: one TE GroupedLinear pair for all r*N/ep local
+        slots (one grouped GEMM per projection instead of a Python loop over experts).
+
+        Each slot is still ONE parameter pair (``linear_fc1.weight<slot>``...) called by the r routers
+        of the group, so TE casts it to fp8 once per step however many layers reuse it (see
+        docs/architecture.md, "GPU path"). Checkpoint keys and offsets are the local bank's
+        (``experts.linear_fc1.weight`` over [num_moe_layers, N]), so checkpoints move between
+        ``transformer_impl=local`` and ``transformer_engine``; TE's fp8 metadata (``_extra_state``)
+        is saved per (group, EP rank), i.e. it does not survive an EP-size change.
+        Not exercised in CI (TE needs a GPU)."""
+
+        def __init__(self, num_local_experts, config, submodules, pg_collection, *,
+                     group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
+            super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+            assert num_local_experts == placement.local_slots
+            self.group = group
+            self.placement = placement
+            self.num_moe_layers = num_moe_layers
+            self.expt_dp_group = pg_collection.expt_dp
+
+        slot_identity = ExpertBank.slot_identity
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None,
+                               checkpoint_prefix=None):
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            checkpoint_prefix = f"{prefix}experts." if checkpoint_prefix is None else checkpoint_prefix
+            dp_rank = self.expt_dp_group.rank()
+            out = {}
+            for slot in range(self.num_local_experts):
+                owner_layer, expert_idx = self.slot_identity(slot)
+                offsets = (
+                    *sharded_offsets,
+                    (len(sharded_offsets), owner_layer, self.num_moe_layers),
+                    (len(sharded_offsets) + 1, expert_idx, self.placement.experts_per_layer),
+                )
+                state = {"linear_fc1.weight": getattr(self.linear_fc1, f"weight{slot}"),
+                         "linear_fc2.weight": getattr(self.linear_fc2, f"weight{slot}")}
+                # fc1 is column-parallel (axis 0), fc2 row-parallel (axis 1): as SequentialMLP's MLPs
+                sub = make_sharded_tensors_for_checkpoint(
+                    state, "", {"linear_fc1.weight": 0, "linear_fc2.weight": 1}, offsets,
+                    tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+                if self.config.gated_linear_unit:
+                    sub["linear_fc1.weight"] = apply_swiglu_sharded_factory(sub["linear_fc1.weight"],
+                                                                            offsets)
+                replace_prefix_for_sharding(sub, "", checkpoint_prefix)
+                for name, tensor in sub.items():
+                    tensor.replica_id = (*tensor.replica_id[:2], dp_rank)
+                    module, param = name.split(".")
+                    out[f"{prefix}{module}.{param}{slot}"] = tensor
+            ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+            for module in ("linear_fc1", "linear_fc2"):
+                extra = getattr(self, module).get_extra_state()
+                out[f"{prefix}{module}._extra_state"] = ShardedObject(
+                    f"{checkpoint_prefix}te_extra_state.group{self.group.index}.{module}", extra,
+                    (ep_size,), (ep_rank,), (0, self.tp_group.rank(), dp_rank))
+            return out
+else:  # pragma: no cover
+    TEExpertBank = None
+
+
+def bank_class(experts_module) -> type:
+    """The bank class for the experts module a layer spec asks for (TEGroupedMLP -> TEExpertBank)."""
+    if TEGroupedMLP is not None and isinstance(experts_module, type) and issubclass(
+            experts_module, TEGroupedMLP):
+        return TEExpertBank
+    return ExpertBank
 
 
 class ExpertBanks(MegatronModule):

@@ -1,4 +1,4 @@
-"""Build the ReXMoE GPT model on megatron-core's GPTModel (local spec).
+"""Build the ReXMoE GPT model on megatron-core's GPTModel (local spec, or the TE spec on GPUs).
 
 The model is megatron's GPTModel; ReXMoE is only (a) the per-layer spec of MoE layers
 (ReXMoELayer) and (b) the expert banks registered on each model chunk. Parallel layout comes from
@@ -53,6 +53,23 @@ def transformer_config(cfg: ExperimentConfig) -> TransformerConfig:
         return _transformer_config(cfg, m, p, r, bf16, dtype, tp)
 
 
+def uses_transformer_engine(cfg: ExperimentConfig) -> bool:
+    """model.transformer_impl resolved (auto: TE when the platform has TE on a GPU)."""
+    return cfg.model.resolved_transformer_impl() == "transformer_engine"
+
+
+def fp8_fields(cfg: ExperimentConfig) -> dict:
+    """TransformerConfig fp8 fields. Validation already rejected fp8 without TE on a GPU."""
+    t = cfg.train
+    if t.fp8 is None:
+        return {}
+    fields = {"fp8": t.fp8, "fp8_recipe": t.fp8_recipe, "fp8_amax_history_len": t.fp8_amax_history_len}
+    if t.fp8_recipe == "delayed":
+        # with a long amax window the scale must follow the window's max, not its latest entry
+        fields["fp8_amax_compute_algo"] = "max"
+    return fields
+
+
 def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -79,7 +96,9 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         moe_z_loss_coeff=r.balance.z_loss_coeff or None,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
-        moe_grouped_gemm=False,
+        # TE path: the bank is one TEGroupedMLP (grouped GEMM); local path: a SequentialMLP
+        moe_grouped_gemm=uses_transformer_engine(cfg),
+        **fp8_fields(cfg),
         # parallelism
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -114,10 +133,19 @@ def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpe
 
     Each MoE layer gets its own spec carrying its MoE index: megatron tells an MLP its layer number
     only after construction, but the router's width and the bank depend on the layer's group."""
-    norm = cfg.model.normalization
-    dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
-    moe_template = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
-                                            moe_grouped_gemm=False, normalization=norm)
+    if uses_transformer_engine(cfg):
+        # TE attention (fused LN+QKV, TE core attention) and TEGroupedMLP experts; TENorm reads
+        # config.normalization itself. Imported here: megatron's TE spec needs TE at build time.
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None)
+        moe_template = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.model.num_moe_experts, moe_grouped_gemm=True)
+    else:
+        norm = cfg.model.normalization
+        dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
+        moe_template = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
+                                                moe_grouped_gemm=False, normalization=norm)
     plan = context.plan
     specs = []
     for layer_number in range(1, cfg.model.num_layers + 1):
@@ -131,6 +159,17 @@ def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpe
             submodules=moe.submodules.mlp.submodules)
         specs.append(moe)
     return specs
+
+
+def final_layer_norm(cfg: ExperimentConfig, specs: list[ModuleSpec]):
+    """The block's final norm. The local spec's input_layernorm is the norm module; the TE spec fuses
+    the input norm into linear_qkv (input_layernorm is IdentityOp), so use TENorm as megatron's TE
+    block spec does."""
+    if uses_transformer_engine(cfg):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return specs[0].submodules.input_layernorm
 
 
 def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRState] = None) -> ReXMoEModel:
@@ -149,7 +188,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
         offset = get_transformer_layer_offset(tc, vp_stage=stage)
         count = get_num_layers_to_build(tc, vp_stage=stage)
         block = TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
-                                           layer_norm=specs[0].submodules.input_layernorm)
+                                           layer_norm=final_layer_norm(cfg, specs))
         model = GPTModel(
             config=tc,
             transformer_layer_spec=block,

@@ -22,10 +22,11 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection  #
 
 from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts  # noqa: E402
-from rexmoe_train.model.experts import ExpertBank, ExpertBanks  # noqa: E402
+from rexmoe_train.model.experts import ExpertBanks, bank_class  # noqa: E402
 from rexmoe_train.model.psr import PSRState  # noqa: E402
 from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 from rexmoe_train.model.router import ReXMoERouter  # noqa: E402
+from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, DedupAllToAllDispatcher  # noqa: E402
 from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
@@ -70,6 +71,10 @@ class ReXMoELayer(MoELayer):
         # Balance losses are the router's own (balance.py); megatron's would double count.
         layer_config.moe_router_load_balancing_type = "none"
         layer_config.moe_aux_loss_coeff = 0.0
+        # megatron's MoELayer rejects unknown dispatcher names: build it with alltoall, then swap.
+        dedup = config.moe_token_dispatcher_type == DEDUP_DISPATCHER
+        if dedup:
+            layer_config.moe_token_dispatcher_type = "alltoall"
 
         balance = context.rexmoe.balance
         group_balance = context.group_balances.get(group.index)
@@ -90,8 +95,12 @@ class ReXMoELayer(MoELayer):
                            group_balance=group_balance),
         )
         super().__init__(layer_config, submodules, layer_number, pg_collection)
+        if dedup:
+            self.token_dispatcher = DedupAllToAllDispatcher(
+                self.num_local_experts, self.local_expert_indices, config=layer_config,
+                pg_collection=pg_collection)
 
-        bank = context.banks.get_or_build(group, lambda: ExpertBank(
+        bank = context.banks.get_or_build(group, lambda: bank_class(experts_spec.module)(
             self.num_local_experts, layer_config, experts_spec.submodules, pg_collection,
             group=group, placement=placement, num_moe_layers=plan.num_moe_layers))
         # A plain attribute, not a registered submodule: the bank is registered once, on the model.

@@ -67,8 +67,14 @@ def balance_losses(cfg, num_microbatches: int) -> dict[str, float]:
     return out
 
 
+UNDER_USED_SHARE = 0.1  # a candidate is under-used below 10% of the uniform share of its router
+
+
 def router_load(cfg, routers: list, step: int) -> dict:
-    """Global tokens per candidate for this step -> per-layer and per-group MaxVio, PSR candidates."""
+    """Global tokens per candidate for this step -> per-layer and per-group MaxVio, the fraction of
+    under-used candidates, the reuse matrix (how often each router picks each owner layer's experts)
+    and the PSR candidate count. On evaluation steps also the raw per-candidate loads (`expert_load`),
+    which `rexmoe-plot` draws as heatmaps."""
     plan = ReusePlan.from_config(cfg)
     width = plan.reuse_group_size * plan.experts_per_layer
     load = torch.zeros(plan.num_moe_layers, width, dtype=torch.float64, device=platform.device())
@@ -76,18 +82,46 @@ def router_load(cfg, routers: list, step: int) -> dict:
         load[router.moe_layer, : router.step_load.numel()] = router.step_load
     dist.all_reduce(load)
     load = load.cpu()
-    psr = cfg.rexmoe.psr
-    layer_vio, group_vio, candidates = [], [], None
+    psr, n = cfg.rexmoe.psr, plan.experts_per_layer
+    layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
     for group in plan.groups:
         schedule = PSRSchedule(psr.schedule, group.experts_per_layer, group.size, psr.start_step, psr.end_step)
         candidates = candidates or schedule.num_candidates(step)
+        group_load = load[list(group.moe_layers), : group.num_candidates]
         protect = None
-        for moe_layer in group.moe_layers:
+        for moe_layer, layer_load in zip(group.moe_layers, group_load):
             if psr.protect_local:
                 protect = group.local_candidates(moe_layer)
             allowed = psr_allowed_mask(schedule, step, cfg.psr_seed, moe_layer, protect)
-            layer_vio.append(round(load_violation(load[moe_layer, : group.num_candidates], allowed), 4))
-        pooled = load[list(group.moe_layers), : group.num_candidates].sum(dim=0)
-        group_vio.append(round(load_violation(pooled), 4))
-    return {"psr_candidates": candidates, "load_violation_max": layer_vio,
-            "group_load_violation_max": group_vio}
+            layer_vio.append(round(load_violation(layer_load, allowed), 4))
+            available = layer_load[allowed]
+            share = available.sum() / max(available.numel(), 1)
+            under_used.append(round(float((available < UNDER_USED_SHARE * share).float().mean()), 4))
+        group_vio.append(round(load_violation(group_load.sum(dim=0)), 4))
+        per_owner = group_load.view(group.size, group.size, n).sum(dim=2)  # [router, owner]
+        reuse.append((per_owner / per_owner.sum(dim=1, keepdim=True).clamp_min(1)).round(decimals=4).tolist())
+        expert_load.append(group_load.long().tolist())
+    out = {"psr_candidates": candidates, "load_violation_max": layer_vio,
+           "under_used_fraction": under_used, "group_load_violation_max": group_vio,
+           "reuse_matrix": reuse}
+    if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
+        out["expert_load"] = expert_load
+    return out
+
+
+def dispatch_bytes(dispatchers: list) -> dict[str, int]:
+    """Forward all-to-all bytes of this step, summed over the world (rexmoe_dedup dispatcher only).
+
+    ``dispatch_bytes`` / ``combine_bytes`` are what the dedup dispatcher really sent to other ranks;
+    ``stock_*`` what megatron's alltoall would have sent for the same routing (formulas in
+    parallel/dispatcher.py). Every rank calls this (a stage without MoE layers passes []), then the
+    counters are reset for the next step.
+    """
+    from rexmoe_train.parallel.dispatcher import BYTE_COUNTERS
+
+    total = torch.zeros(len(BYTE_COUNTERS), dtype=torch.long, device=platform.device())
+    for dispatcher in dispatchers:
+        total += dispatcher.counters
+        dispatcher.reset_bytes()
+    dist.all_reduce(total)
+    return {name: int(v) for name, v in zip(BYTE_COUNTERS, total.tolist())}

@@ -27,12 +27,16 @@ from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
-from rexmoe_train.data import build_embedded_datasets, micro_batches, valid_batches  # noqa: E402
+from rexmoe_train.data import micro_batches, valid_batches  # noqa: E402
+from rexmoe_train.data.sources import build_datasets  # noqa: E402
 from rexmoe_train.model.gpt import build_model  # noqa: E402
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, find_dedup_dispatchers  # noqa: E402
 from rexmoe_train.training.metrics import balance_losses, init_aux_loss_tracker, router_load  # noqa: E402
+from rexmoe_train.training.metrics import dispatch_bytes  # noqa: E402
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training  # noqa: E402
 from rexmoe_train.training.run_logger import RunLogger  # noqa: E402
+from rexmoe_train.training import checkpoint  # noqa: E402
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -54,6 +58,7 @@ def _forward_step(data_iterator, model):
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, resolved_config: Optional[dict] = None) -> None:
         self.cfg = cfg
+        self.start_time = time.monotonic()
         self.rank, self.world_size = init_distributed()
         cfg.validate(self.world_size)
         init_model_parallel(cfg.parallel, cfg.train.seed)
@@ -62,11 +67,13 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
-        self.train_data, self.valid_data, self.data_info = build_embedded_datasets(
-            t.seq_length, t.seed, cfg.data.valid_fraction, cfg.data.max_bytes)
+        self.train_data, self.valid_data, self.data_info = build_datasets(
+            cfg.data, t.seq_length, t.seed, train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=t.eval_iters * t.micro_batch_size * self.dp_size, run_dir=cfg.run.dir)
         self.vocab_size = cfg.model.vocab_size or int(self.data_info["vocab_size"])
 
         self.model = build_model(cfg, self.vocab_size)
+        self.dispatchers = find_dedup_dispatchers(self.model.chunks)  # [] unless rexmoe_dedup
         tc = self.model.config
         self.chunks = wrap_for_training(cfg, self.model.chunks, tc)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, tc)
@@ -75,11 +82,25 @@ class Trainer:
         init_aux_loss_tracker(cfg.model.num_layers)
         self.forward_backward = get_forward_backward_func()
         self.step = 0
+        self.skipped_steps = 0  # steps skipped by the numerics guard (non-finite loss / grads)
+        self.last_saved_step: Optional[int] = None
+        self.exit_code = 0  # checkpoint.EXIT_PREEMPTED after a signal / the time budget
+        self.resolved_config = resolved_config
+        # Resume before the run dir is touched: a bad checkpoint fails here and writes nothing.
+        resumed = checkpoint.load_checkpoint(self)
+        if resumed and self.rank == 0:
+            checkpoint.trim_metrics(cfg.run.dir, self.step)
+        self.signals = checkpoint.StopSignals(cfg.checkpoint.exit_signal_handler,
+                                              cfg.checkpoint.exit_duration_mins, self.start_time)
+        self.stop_reason: Optional[str] = None
         self.logger = RunLogger(
             cfg.run.dir, enabled=self.rank == 0, total_steps=t.train_iters, start_step=self.step,
             progress=cfg.run.progress, wandb_cfg=cfg.run.wandb, resolved_config=resolved_config)
         self.logger.write_json("data.json", self.data_info)
         self.logger.write_json("model.json", self.describe())
+        if resumed:
+            self.logger.message(f"[checkpoint] resumed from {resumed['path']} at step {self.step}"
+                                + "".join(f"; {note}" for note in resumed["notes"]))
 
     # ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -142,6 +163,8 @@ class Trainer:
         self.model.psr_state.set_step(step)
         for router in self._routers():
             router.reset_step_state()
+        for dispatcher in self.dispatchers:
+            dispatcher.reset_bytes()
         batches = micro_batches(self.train_data, seed=t.seed, global_batch_size=t.global_batch_size,
                                 micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size, step=step - 1)
@@ -158,21 +181,34 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
-        success, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        # Numerics guard + pre-emption check: one all_reduce(MAX) so every rank decides alike.
+        bad, signalled, out_of_time = checkpoint.step_flags(
+            checkpoint.local_step_is_bad(losses, self.chunks), self.signals)
+        if signalled or out_of_time:
+            self.stop_reason = "signal" if signalled else "checkpoint.exit_duration_mins"
+        success, grad_norm = False, None
+        if not bad:
+            success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        else:  # as Megatron-LM: the step's data is consumed, the weights and LR schedule stay
+            self.skipped_steps += 1
         elapsed = time.perf_counter() - start
         self.step = step
         record = {"step": step, "consumed_samples": step * t.global_batch_size}
-        if step % t.log_interval == 0 or step == t.train_iters:
+        if step % t.log_interval == 0 or step == t.train_iters or not success:
             lm_loss = self._last_stage_mean(losses)
             record.update(balance_losses(cfg, self.num_microbatches))
             record.update(router_load(cfg, self._routers(), step))
+            if cfg.parallel.moe_token_dispatcher_type == DEDUP_DISPATCHER:  # same on every rank
+                record.update(dispatch_bytes(self.dispatchers))
             record.update({
                 "lm_loss": lm_loss,
                 "loss": lm_loss + record["aux_loss"],
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "update_successful": bool(success),
+                "skipped_steps": self.skipped_steps,
                 "step_time_s": round(elapsed, 4),
                 "tokens_per_s": round(t.global_batch_size * t.seq_length / elapsed, 1),
             })
@@ -204,18 +240,47 @@ class Trainer:
             self.logger.log(record)
             history.append(record)
         self._set_mode(True)
-        while self.step < t.train_iters:
-            record = self.train_step()
-            if self.step % t.eval_interval == 0 or self.step == t.train_iters:
-                record["val_loss"] = self.evaluate()
-            if "loss" in record or "val_loss" in record:
-                self.logger.log(record)
-                history.append(record)
-            if "loss" in record:
-                self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}",
-                                                 "tok/s": f"{record['tokens_per_s']:.0f}",
-                                                 "cand": record["psr_candidates"]})
-            if "val_loss" in record:
-                self.logger.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
-        self.logger.close()
+        ck = self.cfg.checkpoint
+        self.signals.install()
+        try:
+            while self.step < t.train_iters:
+                self._one_step(history)
+                if self.skipped_steps > ck.max_skipped_steps:
+                    raise checkpoint.TrainingHalted(
+                        f"halted at step {self.step}: {self.skipped_steps} steps skipped for a "
+                        f"non-finite loss or grad norm (checkpoint.max_skipped_steps="
+                        f"{ck.max_skipped_steps}); last checkpoint: step {self.last_saved_step}")
+                if self.stop_reason and self.step < t.train_iters:
+                    checkpoint.save_checkpoint(self)
+                    self.exit_code = checkpoint.EXIT_PREEMPTED
+                    self.logger.message(f"[checkpoint] stopping at step {self.step} "
+                                        f"({self.stop_reason}); exit {self.exit_code}: resume to continue")
+                    break
+                if ck.save_interval and self.step % ck.save_interval == 0:
+                    checkpoint.save_checkpoint(self)
+            if self.step >= t.train_iters and self.last_saved_step != self.step:
+                checkpoint.save_checkpoint(self)
+        finally:
+            self.signals.uninstall()
+            self.logger.close()
         return history
+
+    def _one_step(self, history: list) -> None:
+        t = self.cfg.train
+        record = self.train_step()
+        if self.step % t.eval_interval == 0 or self.step == t.train_iters:
+            record["val_loss"] = self.evaluate()
+        if "loss" in record or "val_loss" in record:
+            self.logger.log(record)
+            history.append(record)
+        if "loss" in record:
+            self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}",
+                                             "tok/s": f"{record['tokens_per_s']:.0f}",
+                                             "cand": record["psr_candidates"]})
+        if "val_loss" in record:
+            self.logger.message(f"step {self.step}: val_loss {record['val_loss']:.4f}")
+        if not record.get("update_successful", True):
+            self.logger.message(f"[guard] step {self.step} skipped: non-finite loss or grad norm "
+                                f"({self.skipped_steps} skipped so far)")
+
+

@@ -45,9 +45,17 @@ def test_default_run_short_override_loss_falls(tmp_path):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41))
     for key in ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
-                "psr_candidates", "load_violation_max", "group_load_violation_max"):
+                "psr_candidates", "load_violation_max", "group_load_violation_max",
+                "under_used_fraction", "reuse_matrix"):
         assert all(key in r for r in steps), key
     assert len(steps[0]["load_violation_max"]) == 4
+    # reuse matrix: one 4x4 matrix for the single group, each router's row a distribution over owners
+    matrix = steps[-1]["reuse_matrix"][0]
+    assert len(matrix) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in matrix)
+    # raw loads on evaluation steps: every router routed exactly tokens * top-k assignments
+    loads = [r for r in steps if "expert_load" in r]
+    assert [r["step"] for r in loads] == [20, 40]
+    assert all(sum(row) == 8 * 256 * 2 for row in loads[-1]["expert_load"][0])
     # PSR: 8 candidates until step 10, then growing to 32 at step 30
     assert steps[9]["psr_candidates"] == 8 and steps[19]["psr_candidates"] == 20
     assert steps[39]["psr_candidates"] == 32
@@ -59,3 +67,14 @@ def test_default_run_short_override_loss_falls(tmp_path):
     assert (run_dir / "config.yaml").exists() and (run_dir / "data.json").exists()
     model = json.loads((run_dir / "model.json").read_text())
     assert model["parameters_experts"] > 0
+
+
+def test_dry_run_prints_layout_without_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("run.dry_run=true", "rexmoe.reuse_group_size=2", "parallel.expert_model_parallel_size=2",
+                   "parallel.pipeline_model_parallel_size=2", f"run.dir={run_dir}", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world size 4: tp=1 pp=2" in proc.stdout and "ep=2" in proc.stdout
+    assert "stage 1 chunk 0: layers 3-4, reuse groups [1]" in proc.stdout
+    assert "candidate    8 (owner +1, expert   0) -> rank 0, slot 4" in proc.stdout
+    assert not run_dir.exists()
