@@ -22,7 +22,7 @@ def _export(args) -> str:
     from rexmoe_train.convert import checkpoint_io
     from rexmoe_train.convert.export import export_compact, export_hf
 
-    cfg, model, meta = checkpoint_io.load_model(Path(args.checkpoint))
+    cfg, model, meta = checkpoint_io.load_model(Path(args.checkpoint), bf16=args.dtype == "bf16")
     state = model.chunks[0].state_dict()
     vocab = model.vocab_size
     source = str(Path(args.checkpoint).resolve())
@@ -150,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--compact", action="store_true", help="experts stored once + mapping (our loader)")
     e.add_argument("--tokenizer", help="a tokenizer.json to copy into the export")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights dtype of the export; bf16 halves the memory a large model needs")
     e.set_defaults(run=_export)
     i = sub.add_parser("import-hf", help="an export of ours -> model-only training checkpoint")
     i.add_argument("hf_dir")

@@ -55,9 +55,10 @@ def read_checkpoint_config(iter_dir: Path) -> tuple[ExperimentConfig, dict]:
     return cfg, meta
 
 
-def single_process(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The same model in a 1-process layout (fp32, default dispatcher)."""
-    train = dataclasses.replace(cfg.train, bf16=False)
+def single_process(cfg: ExperimentConfig, bf16: bool = False) -> ExperimentConfig:
+    """The same model in a 1-process layout and the default dispatcher; fp32 unless ``bf16`` (which
+    halves the memory: a 7B model is ~28 GiB in fp32, ~14 GiB in bf16)."""
+    train = dataclasses.replace(cfg.train, bf16=bf16)
     return dataclasses.replace(cfg, parallel=ParallelConfig(), train=train)
 
 
@@ -68,11 +69,11 @@ def build_single_process(cfg: ExperimentConfig, vocab_size: int) -> ReXMoEModel:
     return build_model(cfg, vocab_size)
 
 
-def load_model(path: Path) -> tuple[ExperimentConfig, ReXMoEModel, dict]:
+def load_model(path: Path, bf16: bool = False) -> tuple[ExperimentConfig, ReXMoEModel, dict]:
     """Load a checkpoint's model into one process. Returns (1-process config, model, metadata)."""
     iter_dir = resolve(path)
     saved_cfg, meta = read_checkpoint_config(iter_dir)
-    cfg = single_process(saved_cfg)
+    cfg = single_process(saved_cfg, bf16)
     vocab = int(meta["model"]["model.vocab_size"])
     model = build_single_process(cfg, vocab)
     chunk = model.chunks[0]

@@ -37,13 +37,14 @@ def bank_experts(state: dict, group_index: int, num_candidates: int) -> list:
 
 
 def _write_shards(out: Path, shards: Iterable[tuple[str, Iterable]], total: int,
-                  progress: bool) -> dict:
+                  progress: bool, dtype: Optional[torch.dtype] = None) -> dict:
     weight_map, names = {}, []
     for index, (label, tensors) in enumerate(tqdm(shards, total=total, desc="export", unit="shard",
                                                   disable=not progress)):
         name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
         # clone: safetensors refuses views that share storage (gate/up halves of one fc1)
-        block = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors}
+        block = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype)
+                 .contiguous().clone() for k, v in tensors}
         save_file(block, str(out / name), metadata={"format": "pt", "part": label})
         for key in block:
             weight_map[key] = name
@@ -98,7 +99,8 @@ def export_hf(cfg: ExperimentConfig, state: dict, vocab_size: int, out: Path, *,
     shards += [(f"layer {i}", layer_shard(i)) for i in range(cfg.model.num_layers)]
 
     def write(tmp: Path) -> None:
-        _write_index(tmp, _write_shards(tmp, shards, len(shards), progress))
+        dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        _write_index(tmp, _write_shards(tmp, shards, len(shards), progress, dtype))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         meta = _export_meta(cfg, source, compact=False) | {"vocab_size": tokenizer_vocab_size or vocab_size}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2))

@@ -72,7 +72,7 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int) -> dict:
         "norm_topk_prob": cfg.rexmoe.gating == "topk_then_softmax",
         "qkv_bias": False,
         "use_sliding_window": False,
-        "torch_dtype": "float32",
+        "torch_dtype": "bfloat16" if cfg.train.bf16 else "float32",
         "use_cache": True,
     }
 
