@@ -79,7 +79,11 @@ def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
 # only (checkpoint.load_optimizer=false); loading the optimizer too is refused in one line.
 LAYOUTS = {
     "ep2": ({"expert_model_parallel_size": 2}, False),
+    "ep2_dedup": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "rexmoe_dedup"}, False),
+    "ep2_distopt": ({"expert_model_parallel_size": 2, "use_distributed_optimizer": True}, False),
+    "ep2_allgather": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "allgather"}, False),
     "tp2_sp": ({"tensor_model_parallel_size": 2}, True),  # vocab padded to 384 as at tp=1 (see below)
+    "tp2_ep2_sp": ({"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2}, False),
     "pp2": ({"pipeline_model_parallel_size": 2}, True),
 }
 
@@ -95,6 +99,12 @@ def one_process_checkpoint():
     from rexmoe_train.training import checkpoint
     from tests.training.test_checkpoint import cli, finish, losses
 
+    def grad_norms(run_dir):
+        import json
+
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["grad_norm"] for r in records if r.get("grad_norm") is not None}
+
     init_distributed()
     base = _shared_dir()
     result = [None]
@@ -104,11 +114,11 @@ def one_process_checkpoint():
                                   "rexmoe.balance.z_loss_coeff=0", "model.make_vocab_size_divisible_by=128",
                                   f"run.dir={base / 'one'}",
                                   log=base / "logs" / "one"))
-        result = [(rc, err[-3000:], losses(base / "one"))]
+        result = [(rc, err[-3000:], losses(base / "one"), grad_norms(base / "one"))]
     dist.broadcast_object_list(result, src=0)
-    rc, err, ref = result[0]
+    rc, err, ref, ref_norms = result[0]
     assert rc == 0, err
-    yield base, base / "one" / "checkpoints" / checkpoint.iter_name(3), ref
+    yield base, base / "one" / "checkpoints" / checkpoint.iter_name(3), ref, ref_norms
     _remove_shared_dir(base)
 
 
@@ -118,7 +128,7 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_checkpoint, 
 
     from rexmoe_train.config.schema import experiment_from_dict
 
-    base, ckpt, ref = one_process_checkpoint
+    base, ckpt, ref, ref_norms = one_process_checkpoint
     cfg = experiment_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")))
     overrides, with_optimizer = LAYOUTS[layout]
     for key, value in overrides.items():
@@ -137,8 +147,12 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_checkpoint, 
         cfg.checkpoint.load_optimizer = False
     trainer = _trainer(cfg)
     assert trainer.step == 3
-    got = _losses(trainer.run())
+    history = trainer.run()
+    got = _losses(history)
     assert sorted(got) == [4, 5]
+    # same weights and data -> the same gradient: the global grad norm of step 4 agrees in every layout
+    norm = next(r["grad_norm"] for r in history if r["step"] == 4)
+    assert abs(norm - ref_norms[4]) / ref_norms[4] <= 1e-5, (layout, norm, ref_norms[4])
     # 4: the model state; 5: the optimizer state after one more update (when it was loaded)
     for step in (4, 5) if with_optimizer else (4,):
         rel = abs(got[step] - ref[step]) / abs(ref[step])
