@@ -19,9 +19,9 @@ def _import_triton_for_the_interpreter() -> None:
     import. So on a CUDA-less machine import triton here, first, with the variable set, then restore
     the environment: no other test or subprocess sees the variable, and on CPU compiled Triton cannot
     run anyway. The kernel tests set the variable again for their own duration (monkeypatch)."""
-    import torch
+    from rexmoe_train import platform
 
-    if torch.cuda.is_available() or "triton" in __import__("sys").modules:
+    if platform.HAS_CUDA or "triton" in __import__("sys").modules:
         return
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -71,9 +71,9 @@ def layout(megatron_world):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
+    from rexmoe_train import platform
 
-    if torch.cuda.is_available():
+    if platform.HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

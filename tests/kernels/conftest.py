@@ -4,7 +4,8 @@ why triton itself is imported there, first, with TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 import pytest
-import torch
+
+from rexmoe_train import platform
 
 
 def interpreter_problem() -> str | None:
@@ -24,7 +25,7 @@ def interpreter_problem() -> str | None:
 def triton_cpu(monkeypatch):
     """Use in tests that launch Triton kernels on CPU tensors: skips with the reason when the
     interpreter is unavailable, and turns it on for this test only."""
-    if torch.cuda.is_available():
+    if platform.HAS_CUDA:
         pytest.skip("CUDA present: the GPU-marked tests cover the compiled kernels")
     reason = interpreter_problem()
     if reason:
