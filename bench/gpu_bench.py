@@ -28,28 +28,7 @@ from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIGS = {"0.5b": "configs/model/rexmoe_0.5b.yaml", "2.3b": "configs/model/rexmoe_2.3b.yaml"}
-# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets, bf16 and fp8, by device-name match.
-PEAK_TFLOPS = [("H100 PCIe", 756.0, 1513.0), ("H100", 989.4, 1978.9), ("H200", 989.4, 1978.9),
-               ("B200", 2250.0, 4500.0), ("A100", 312.0, None)]
-
-
-# --------------------------------------------------------------------------------------------------
-# FLOP count (pure; unit-tested on CPU in tests/bench)
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    heads: int
-    kv_heads: int
-    layers: int
-    experts: int  # N per layer
-    topk: int
-    moe_ffn: int
-    shared_ffn: int = 0  # total shared-expert intermediate size per MoE layer (0: none)
-    dense_layers: int = 0  # first-k dense layers
-    dense_ffn: int = 0
-    vocab: int = 32000
+from rexmoe_train.tools.flops import PEAK_TFLOPS, Shape, flops_per_token, peak_tflops  # noqa: E402,F401
 
 
 def shape_from_config(name: str, layers: Optional[int] = None, vocab: int = 32000) -> Shape:
@@ -63,39 +42,6 @@ def shape_from_config(name: str, layers: Optional[int] = None, vocab: int = 3200
                  moe_ffn=m.moe_ffn_hidden_size, shared_ffn=m.moe_shared_expert_intermediate_size or 0,
                  dense_layers=m.first_k_dense_layers,
                  dense_ffn=m.ffn_hidden_size or 4 * m.hidden_size, vocab=vocab)
-
-
-def flops_per_token(shape: Shape, reuse: int, seq: int) -> dict[str, float]:
-    """Forward FLOPs per token by component (multiply-add = 2 FLOPs), summed over layers.
-
-    ``counted`` = attention + active experts (incl. shared/dense MLPs) + router: what MFU uses.
-    ``train`` = 3 x counted."""
-    h, head_dim = shape.hidden, shape.hidden // shape.heads
-    moe_layers = shape.layers - shape.dense_layers
-    qkv = 2 * h * (shape.heads + 2 * shape.kv_heads) * head_dim
-    out = 2 * shape.heads * head_dim * h
-    # causal: a token attends to (seq+1)/2 positions on average; QK^T and PV, 2 FLOPs per MAC each
-    core = 2 * 2 * shape.heads * head_dim * (seq + 1) / 2
-    swiglu = 3 * 2 * h  # per unit of intermediate size: gate and up (h -> f), down (f -> h)
-    result = {
-        "attention": shape.layers * (qkv + out + core),
-        "experts": moe_layers * (shape.topk * shape.moe_ffn + shape.shared_ffn) * swiglu
-                   + shape.dense_layers * shape.dense_ffn * swiglu,
-        "router": moe_layers * 2 * h * reuse * shape.experts,
-        "lm_head": 2 * h * shape.vocab,  # excluded from `counted`
-    }
-    result["counted"] = result["attention"] + result["experts"] + result["router"]
-    result["train"] = 3 * result["counted"]
-    return result
-
-
-def peak_tflops(device_name: str, precision: str, override: Optional[float]) -> Optional[float]:
-    if override:
-        return override
-    for match, bf16, fp8 in PEAK_TFLOPS:
-        if match in device_name:
-            return fp8 if precision == "fp8" else bf16
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -316,7 +316,7 @@ class DataConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"
+    mode: str = "offline"  # online only when asked: no account, key or network needed by default
     project: str = "rexmoe"
     name: Optional[str] = None
 
@@ -329,11 +329,18 @@ class RunConfig:
     dir: str = "runs/default"
     progress: bool = True
     dry_run: bool = False  # validate, print layout / placement / parameter and memory estimates, exit
+    # collapse alarm: warn when one expert takes more than this share of a reuse group's assignments
+    # on this many consecutive logged steps (spec §4: large r collapses onto a few experts)
+    collapse_share: float = 0.5
+    collapse_intervals: int = 3
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, path: str = "run") -> None:
         if not self.dir:
             _fail(f"{path}.dir", self.dir, "must be a non-empty path")
+        if not 0 < self.collapse_share <= 1:
+            _fail(f"{path}.collapse_share", self.collapse_share, "must be in (0, 1]")
+        _at_least(f"{path}.collapse_intervals", self.collapse_intervals, 1)
         self.wandb.validate(f"{path}.wandb")
 
 

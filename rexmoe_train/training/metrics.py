@@ -84,6 +84,7 @@ def router_load(cfg, routers: list, step: int) -> dict:
     load = load.cpu()
     psr, n = cfg.rexmoe.psr, plan.experts_per_layer
     layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
+    max_share = []
     for group in plan.groups:
         schedule = PSRSchedule(psr.schedule, group.experts_per_layer, group.size, psr.start_step, psr.end_step)
         candidates = candidates or schedule.num_candidates(step)
@@ -97,12 +98,15 @@ def router_load(cfg, routers: list, step: int) -> dict:
             available = layer_load[allowed]
             share = available.sum() / max(available.numel(), 1)
             under_used.append(round(float((available < UNDER_USED_SHARE * share).float().mean()), 4))
-        group_vio.append(round(load_violation(group_load.sum(dim=0)), 4))
+        pooled = group_load.sum(dim=0)
+        group_vio.append(round(load_violation(pooled), 4))
+        max_share.append(round(float(pooled.max() / pooled.sum().clamp_min(1)), 4))
         per_owner = group_load.view(group.size, group.size, n).sum(dim=2)  # [router, owner]
         reuse.append((per_owner / per_owner.sum(dim=1, keepdim=True).clamp_min(1)).round(decimals=4).tolist())
         expert_load.append(group_load.long().tolist())
     out = {"psr_candidates": candidates, "load_violation_max": layer_vio,
            "under_used_fraction": under_used, "group_load_violation_max": group_vio,
+           "group_max_share": max_share,
            "reuse_matrix": reuse}
     if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
         out["expert_load"] = expert_load
@@ -125,3 +129,27 @@ def dispatch_bytes(dispatchers: list) -> dict[str, int]:
         dispatcher.reset_bytes()
     dist.all_reduce(total)
     return {name: int(v) for name, v in zip(BYTE_COUNTERS, total.tolist())}
+
+
+def throughput(cfg, padded_vocab: int, tokens: int, seconds: float, world_size: int) -> dict:
+    """tokens/s, model TFLOP/s per device and MFU, with the honest count of tools/flops.py (attention,
+    the k active experts, the router over its r*N candidates, and the LM head; x3 for training), and
+    the peak memory of any rank (GPU: allocated; CPU: resident set size)."""
+    from rexmoe_train.tools.flops import flops_per_token, peak_tflops, shape_from_experiment
+
+    per_token = flops_per_token(shape_from_experiment(cfg, padded_vocab), cfg.rexmoe.reuse_group_size,
+                                cfg.train.seq_length)
+    train_flops = 3 * (per_token["counted"] + per_token["lm_head"]) * tokens
+    tflops = train_flops / seconds / world_size / 1e12
+    precision = "fp8" if getattr(cfg.train, "fp8", None) else "bf16"
+    peak = peak_tflops(platform.device_name(), precision, None)
+    memory = torch.tensor([platform.max_memory_allocated_bytes()], dtype=torch.float64, device=platform.device())
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    return {"tokens_per_s": round(tokens / seconds, 1), "tflops_per_device": round(tflops, 4),
+            "mfu": round(tflops / peak, 4) if peak else None,
+            "memory_gib": round(float(memory) / 2**30, 3)}
+
+
+def collapsed_groups(record: dict, share: float) -> list[int]:
+    """Reuse groups where one physical expert took more than ``share`` of the group's assignments."""
+    return [g for g, top in enumerate(record.get("group_max_share", [])) if top > share]

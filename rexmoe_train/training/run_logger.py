@@ -38,9 +38,11 @@ class RunLogger:
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
+            # silent: wandb's banner would bury the progress bar; nothing secret is ever passed here
+            # (offline needs no key; online reads the user's own login, never our config)
             self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or self.dir.name,
                                      dir=str(self.dir), mode=wandb_cfg.mode, config=resolved_config,
-                                     resume="allow")
+                                     resume="allow", settings=wandb.Settings(silent=True))
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True)

@@ -32,8 +32,14 @@ from rexmoe_train.data.sources import build_datasets  # noqa: E402
 from rexmoe_train.model.gpt import build_model  # noqa: E402
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, find_dedup_dispatchers  # noqa: E402
-from rexmoe_train.training.metrics import balance_losses, init_aux_loss_tracker, router_load  # noqa: E402
-from rexmoe_train.training.metrics import dispatch_bytes  # noqa: E402
+from rexmoe_train.training.metrics import (  # noqa: E402
+    balance_losses,
+    collapsed_groups,
+    dispatch_bytes,
+    init_aux_loss_tracker,
+    router_load,
+    throughput,
+)
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training  # noqa: E402
 from rexmoe_train.training.run_logger import RunLogger  # noqa: E402
 from rexmoe_train.training import checkpoint  # noqa: E402
@@ -82,6 +88,7 @@ class Trainer:
         init_aux_loss_tracker(cfg.model.num_layers)
         self.forward_backward = get_forward_backward_func()
         self.step = 0
+        self._collapse_streak: dict[int, int] = {}
         self.skipped_steps = 0  # steps skipped by the numerics guard (non-finite loss / grads)
         self.last_saved_step: Optional[int] = None
         self.exit_code = 0  # checkpoint.EXIT_PREEMPTED after a signal / the time budget
@@ -210,9 +217,24 @@ class Trainer:
                 "update_successful": bool(success),
                 "skipped_steps": self.skipped_steps,
                 "step_time_s": round(elapsed, 4),
-                "tokens_per_s": round(t.global_batch_size * t.seq_length / elapsed, 1),
             })
+            record.update(throughput(cfg, self.model.vocab_size, t.global_batch_size * t.seq_length,
+                                     elapsed, self.world_size))
+            self._watch_collapse(record)
         return record
+
+    def _watch_collapse(self, record: dict) -> None:
+        """Warn when a reuse group has been dominated by one expert for several logged steps."""
+        run = self.cfg.run
+        hot = set(collapsed_groups(record, run.collapse_share))
+        self._collapse_streak = {g: self._collapse_streak.get(g, 0) + 1 for g in hot}
+        alarmed = sorted(g for g, n in self._collapse_streak.items() if n >= run.collapse_intervals)
+        if alarmed:
+            record["collapse_alarm"] = alarmed
+            shares = ", ".join(f"group {g}: {record['group_max_share'][g]:.0%}" for g in alarmed)
+            self.logger.message(f"[collapse] step {record['step']}: one expert takes > "
+                                f"{run.collapse_share:.0%} of its group's tokens for "
+                                f"{run.collapse_intervals}+ logged steps ({shares})")
 
     @torch.no_grad()
     def evaluate(self) -> float:

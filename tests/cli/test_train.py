@@ -46,9 +46,12 @@ def test_default_run_short_override_loss_falls(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 41))
     for key in ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s",
                 "psr_candidates", "load_violation_max", "group_load_violation_max",
-                "under_used_fraction", "reuse_matrix"):
+                "under_used_fraction", "reuse_matrix", "group_max_share", "tflops_per_device", "mfu",
+                "memory_gib", "z_loss", "load_balancing_loss", "skipped_steps"):
         assert all(key in r for r in steps), key
     assert len(steps[0]["load_violation_max"]) == 4
+    assert all(r["tflops_per_device"] > 0 and r["memory_gib"] > 0 for r in steps)
+    assert (run_dir / "wandb").is_dir()  # offline wandb by default
     # reuse matrix: one 4x4 matrix for the single group, each router's row a distribution over owners
     matrix = steps[-1]["reuse_matrix"][0]
     assert len(matrix) == 4 and all(abs(sum(row) - 1) < 1e-3 for row in matrix)
