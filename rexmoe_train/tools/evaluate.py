@@ -173,8 +173,13 @@ def _positive(name: str, value) -> None:
         raise EvalError(f"{name} must be >= 1, got {value}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the usage too: keep bad inputs to one line
+        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint directory (or one iter_* directory)")
     p.add_argument("--data-source", choices=("embedded", "indexed"), help="default: the checkpoint's")
     p.add_argument("--blend", nargs="+", metavar="W_OR_PREFIX",
@@ -184,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, help="windows per batch (default: train.micro_batch_size)")
     p.add_argument("--psr-step", choices=("checkpoint", "full"), default="checkpoint",
                    help="PSR mask of the checkpoint's step (default) or all r*N candidates")
-    p.add_argument("--out", help="write the JSON here (default: stdout only gets the summary)")
+    p.add_argument("--out", help="write the JSON here (default: print the summary only)")
     return p
 
 

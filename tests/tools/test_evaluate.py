@@ -76,3 +76,7 @@ def test_full_psr_and_bad_inputs(trained_run, tmp_path, capsys, megatron_world):
         assert main(args) == 2, why
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("rexmoe-eval: ") and why in err[0], err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own errors: one line too
+        main([str(empty), "--batches", "many"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "invalid int value: 'many'" in err[0], err
