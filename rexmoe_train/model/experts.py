@@ -41,10 +41,12 @@ from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
 from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
-class ExpertBank(SequentialMLP):
-    def __init__(self, num_local_experts, config, submodules, pg_collection, *,
-                 group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+class _GroupSlots:
+    """What every bank knows about its reuse group: which (owner layer, expert) each local slot
+    holds. Shared by the local and the Transformer Engine bank."""
+
+    def _bind_group(self, num_local_experts: int, group: ReuseGroup, placement: ExpertPlacement,
+                    num_moe_layers: int) -> None:
         assert num_local_experts == placement.local_slots
         self.group = group
         self.placement = placement
@@ -54,6 +56,13 @@ class ExpertBank(SequentialMLP):
         """Local slot -> (owner MoE layer, expert index) on this EP rank."""
         owner, expert = self.placement.slot_owner_expert(self.ep_group.rank(), slot)
         return self.group.first_moe_layer + owner, expert
+
+
+class ExpertBank(_GroupSlots, SequentialMLP):
+    def __init__(self, num_local_experts, config, submodules, pg_collection, *,
+                 group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self._bind_group(num_local_experts, group, placement, num_moe_layers)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, checkpoint_prefix=None):
         """``prefix`` names the local module path; ``checkpoint_prefix`` the layout-free key."""
@@ -79,7 +88,7 @@ class ExpertBank(SequentialMLP):
 
 if TEGroupedMLP is not None:
 
-    class TEExpertBank(TEGroupedMLP):
+    class TEExpertBank(_GroupSlots, TEGroupedMLP):
         """The bank on the Transformer Engine path: one TE GroupedLinear pair for all r*N/ep local
         slots (one grouped GEMM per projection instead of a Python loop over experts).
 
@@ -94,13 +103,8 @@ if TEGroupedMLP is not None:
         def __init__(self, num_local_experts, config, submodules, pg_collection, *,
                      group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
             super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
-            assert num_local_experts == placement.local_slots
-            self.group = group
-            self.placement = placement
-            self.num_moe_layers = num_moe_layers
+            self._bind_group(num_local_experts, group, placement, num_moe_layers)
             self.expt_dp_group = pg_collection.expt_dp
-
-        slot_identity = ExpertBank.slot_identity
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None,
                                checkpoint_prefix=None):
