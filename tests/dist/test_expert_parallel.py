@@ -16,6 +16,17 @@ import torch.distributed as dist
 from tests.helpers import tiny_config
 
 
+def _expert_params_with_reference_names(model, rank: int, experts_per_layer: int):
+    """Each local expert parameter of the ep=2 model with the name of the same expert's parameter
+    in the ep=1 model (where a bank's slot is its candidate index), through the placement map."""
+    for key, bank in model.expert_banks.banks.items():
+        for slot, expert in enumerate(bank.local_experts):
+            owner, e = bank.placement.slot_owner_expert(rank, slot)
+            src = f"expert_banks.banks.{key}.local_experts.{owner * experts_per_layer + e}."
+            for pname, p in expert.named_parameters():
+                yield p, src + pname
+
+
 def _forward_backward(model, x, pos):
     losses = model(x, pos, None, labels=x)
     losses.float().sum().backward()
@@ -54,12 +65,8 @@ def test_ep2_matches_single_rank(layout, dispatcher, r):
         for name, p in model.named_parameters():
             if not name.startswith("expert_banks."):
                 p.copy_(ref_params[name])
-        for key, bank in model.expert_banks.banks.items():
-            for slot, expert in enumerate(bank.local_experts):
-                owner, e = bank.placement.slot_owner_expert(rank, slot)
-                src = f"expert_banks.banks.{key}.local_experts.{owner * n + e}."
-                for pname, p in expert.named_parameters():
-                    p.copy_(ref_params[src + pname])
+        for p, ref_name in _expert_params_with_reference_names(model, rank, n):
+            p.copy_(ref_params[ref_name])
     loss = _forward_backward(model, x, pos)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
@@ -71,9 +78,5 @@ def test_ep2_matches_single_rank(layout, dispatcher, r):
     for name in sorted(ref_grads):
         if name.startswith("expert_banks."):
             dist.all_reduce(ref_grads[name])
-    for key, bank in model.expert_banks.banks.items():
-        for slot, expert in enumerate(bank.local_experts):
-            owner, e = bank.placement.slot_owner_expert(rank, slot)
-            src = f"expert_banks.banks.{key}.local_experts.{owner * n + e}."
-            for pname, p in expert.named_parameters():
-                torch.testing.assert_close(p.grad, ref_grads[src + pname], rtol=1e-5, atol=1e-6)
+    for p, ref_name in _expert_params_with_reference_names(model, rank, n):
+        torch.testing.assert_close(p.grad, ref_grads[ref_name], rtol=1e-5, atol=1e-6)
