@@ -1,7 +1,8 @@
 """`rexmoe-convert`: checkpoints to and from Hugging Face, upcycling, inspection.
 
   rexmoe-convert export-hf CKPT OUT [--compact] [--tokenizer tokenizer.json]
-  rexmoe-convert import-hf HF_DIR OUT                     (an export of ours, unrolled or compact)
+  rexmoe-convert import-hf HF_DIR OUT                     (an export of ours, unrolled or compact,
+                                                           or a stock Qwen2-MoE / Qwen3-MoE folder)
   rexmoe-convert upcycle CKPT OUT --reuse-group-size R    (a vanilla r=1 checkpoint -> ReXMoE)
   rexmoe-convert inspect CKPT [--ep N]
 
@@ -19,46 +20,77 @@ from pathlib import Path
 
 
 def _export(args) -> str:
+    """Streamed: the checkpoint is read one decoder layer (and reuse group's expert bank) at a time
+    straight from its files, so memory stays at about one layer, whatever the model's depth."""
     from rexmoe_train.convert import checkpoint_io
     from rexmoe_train.convert.export import export_compact, export_hf
 
-    cfg, model, meta = checkpoint_io.load_model(Path(args.checkpoint), bf16=args.dtype == "bf16")
-    state = model.chunks[0].state_dict()
-    vocab = model.vocab_size
+    cfg, streamed, meta = checkpoint_io.open_streamed(Path(args.checkpoint), bf16=args.dtype == "bf16")
+    vocab = int(meta["model"]["model.vocab_size"])
     source = str(Path(args.checkpoint).resolve())
+    progress = not args.quiet
     if args.compact:
-        out = export_compact(cfg, state, int(meta["model"]["model.vocab_size"]), Path(args.out),
-                             source=source, overwrite=args.overwrite)
+        out = export_compact(cfg, streamed, vocab, Path(args.out), source=source, overwrite=args.overwrite,
+                             progress=progress)
     else:
         tokenizer = Path(args.tokenizer) if args.tokenizer else None
         if tokenizer is not None and not tokenizer.is_file():
             raise _error(f"--tokenizer {tokenizer}: no such file")
-        out = export_hf(cfg, state, vocab, Path(args.out), tokenizer_file=tokenizer, source=source,
-                        tokenizer_vocab_size=int(meta["model"]["model.vocab_size"]), overwrite=args.overwrite)
+        out = export_hf(cfg, streamed, streamed.padded_vocab, Path(args.out), tokenizer_file=tokenizer,
+                        source=source, tokenizer_vocab_size=vocab, overwrite=args.overwrite, progress=progress)
     return f"exported {checkpoint_io.describe_meta(meta)} to {out}"
 
 
 def _import(args) -> str:
-    import torch
-
     from rexmoe_train.config.schema import ConfigError, experiment_from_dict
-    from rexmoe_train.convert import checkpoint_io
+    from rexmoe_train.convert import checkpoint_io, hf_import
     from rexmoe_train.convert.export import EXPORT_META, load_hf_tensors
     from rexmoe_train.convert.transforms import from_hf_unrolled
 
     folder = Path(args.hf_dir)
+    if args.step < 1:
+        raise _error(f"--step {args.step}: must be >= 1 (a checkpoint records the steps completed)")
+    if not (folder / EXPORT_META).exists() and hf_import.is_stock_folder(folder):
+        return _import_stock(args, folder)
     try:
         export_meta = json.loads((folder / EXPORT_META).read_text())
         cfg = checkpoint_io.single_process(experiment_from_dict(export_meta["experiment"]))
     except FileNotFoundError:
-        raise _error(f"{folder}: no {EXPORT_META}: only exports made by `rexmoe-convert export-hf` "
-                     "can be imported (stock HF MoE checkpoints: not supported yet)") from None
+        raise _error(f"{folder}: neither {EXPORT_META} nor config.json: only exports made by `rexmoe-convert "
+                     "export-hf` and stock Qwen2-MoE / Qwen3-MoE folders can be imported") from None
     except (ValueError, KeyError, ConfigError) as err:
         raise _error(f"{folder / EXPORT_META}: unreadable ({err})") from None
     tensors = load_hf_tensors(folder)
     vocab = int(export_meta["vocab_size"])  # the tokenizer's; the embedding is padded from it
     state = tensors if export_meta["format"] == "rexmoe-compact" else from_hf_unrolled(cfg, tensors)
+    out = _load_and_save(args, folder, cfg, vocab, lambda padded: state)
+    return f"imported {folder} ({export_meta['format']}) as a model-only checkpoint at {out}"
+
+
+def _import_stock(args, folder: Path) -> str:
+    """A stock transformers Qwen2-MoE / Qwen3-MoE folder -> a vanilla (r=1) model-only checkpoint."""
+    from rexmoe_train.convert import checkpoint_io, hf_import
+
+    hf_cfg = hf_import.read_hf_config(folder)
+    cfg, vocab = hf_import.experiment_from_hf(hf_cfg)
+    cfg = checkpoint_io.single_process(cfg)
+    tensors = hf_import.SafetensorsFolder(folder)
+    out = _load_and_save(args, folder, cfg, vocab,
+                         lambda padded: hf_import.stock_state(cfg, hf_cfg, tensors, padded))
+    arch = hf_cfg.get("architectures", [hf_cfg.get("model_type")])[0]
+    return (f"imported stock {arch} {folder} as a vanilla (r=1) model-only checkpoint at {out}. "
+            f"Upcycle with `rexmoe-convert upcycle {out} OUT -r R`, or train with:\n  rexmoe-train "
+            f"checkpoint.load={out} checkpoint.load_optimizer=false {hf_import.training_overrides(cfg)}")
+
+
+def _load_and_save(args, folder: Path, cfg, vocab: int, make_state) -> Path:
+    """Build the 1-process model, check and load ``make_state(padded_vocab)``, save it model-only."""
+    import torch
+
+    from rexmoe_train.convert import checkpoint_io
+
     model = checkpoint_io.build_single_process(cfg, vocab)
+    state = make_state(model.vocab_size)
     chunk = model.chunks[0]
     expected = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
     for key, value in expected.items():
@@ -69,9 +101,8 @@ def _import(args) -> str:
                          f"{tuple(value.shape)}")
     with torch.no_grad():
         chunk.load_state_dict(state, strict=False)
-    out = checkpoint_io.save_model(cfg, model, vocab, Path(args.out), step=args.step, source=str(folder),
-                                   overwrite=args.overwrite)
-    return f"imported {folder} ({export_meta['format']}) as a model-only checkpoint at {out}"
+    return checkpoint_io.save_model(cfg, model, vocab, Path(args.out), step=args.step, source=str(folder),
+                                    overwrite=args.overwrite)
 
 
 def _upcycle(args) -> str:
@@ -152,11 +183,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights dtype of the export; bf16 halves the memory a large model needs")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(run=_export)
-    i = sub.add_parser("import-hf", help="an export of ours -> model-only training checkpoint")
+    i = sub.add_parser("import-hf", help="an export of ours or a stock Qwen2/Qwen3-MoE folder -> "
+                                       "model-only training checkpoint")
     i.add_argument("hf_dir")
     i.add_argument("out")
-    i.add_argument("--step", type=int, default=0, help="the step the checkpoint claims (default 0)")
+    i.add_argument("--step", type=int, default=1,
+                   help="the step the checkpoint claims, >= 1 (default 1: checkpoints record completed steps)")
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(run=_import)
     u = sub.add_parser("upcycle", help="vanilla MoE checkpoint -> ReXMoE checkpoint")

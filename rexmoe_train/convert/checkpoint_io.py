@@ -84,6 +84,21 @@ def load_model(path: Path, bf16: bool = False) -> tuple[ExperimentConfig, ReXMoE
     return cfg, model, meta
 
 
+def open_streamed(path: Path, bf16: bool = False):
+    """A checkpoint's model for the converters WITHOUT building it: (1-process config,
+    StreamedCheckpoint, metadata). Tensors are read from the files one part (layer, expert bank,
+    embeddings) at a time when asked for; the optimizer state is never read."""
+    from rexmoe_train.convert.dcp_reader import StreamedCheckpoint
+    from rexmoe_train.model.gpt import padded_vocab_size
+
+    iter_dir = resolve(path)
+    saved_cfg, meta = read_checkpoint_config(iter_dir)
+    cfg = single_process(saved_cfg, bf16)
+    vocab = int(meta["model"]["model.vocab_size"])
+    padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, 1)
+    return cfg, StreamedCheckpoint(iter_dir, cfg, padded), meta
+
+
 def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: Path, *, step: int,
                source: str, overwrite: bool = False) -> Path:
     """A model-only checkpoint (no optimizer state): `rexmoe-train checkpoint.load=OUT` starts from

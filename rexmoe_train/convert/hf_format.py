@@ -1,11 +1,12 @@
-"""ReXMoE <-> Hugging Face Qwen2-MoE tensor mapping.
+"""ReXMoE <-> Hugging Face Qwen2-MoE / Qwen3-MoE tensor mapping.
 
-Target architecture: transformers' stock ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``), chosen
-over Qwen3-MoE because Qwen3 always applies a per-head RMSNorm to queries and keys, which our models
-do not have, so a Qwen3 export could never compute the same function. Qwen2-MoE has everything we
-need: softmax router with top-k and ``norm_topk_prob`` (False = the paper's softmax-then-top-k; True =
-top-k-then-softmax, which is the same function), SwiGLU experts, RMSNorm, RoPE, GQA, ``qkv_bias=False``,
-dense layers through ``mlp_only_layers``, and a shared expert.
+Target architecture: transformers' stock ``Qwen2MoeForCausalLM`` (model_type ``qwen2_moe``), or
+``Qwen3MoeForCausalLM`` (``qwen3_moe``) when the model has ``model.qk_layernorm`` (Qwen3 always
+applies a per-head RMSNorm to queries and keys, Qwen2 never does). Both have what we need: softmax
+router with top-k and ``norm_topk_prob`` (False = the paper's softmax-then-top-k; True =
+top-k-then-softmax, which is the same function), SwiGLU experts, RMSNorm, RoPE, GQA, no attention
+bias, dense layers through ``mlp_only_layers``; Qwen2-MoE also has a shared expert (Qwen3-MoE has
+none, so shared experts with QK-norm are refused).
 
 Two details make the export exact rather than approximate:
 - Reuse is unrolled: layer l gets its group's r*N candidates as r*N experts (copies of the owners'
@@ -13,7 +14,7 @@ Two details make the export exact rather than approximate:
 - Qwen2-MoE multiplies its shared expert by sigmoid(shared_expert_gate(x)). With the gate weight zero
   that is exactly 0.5, so the shared expert's down projection is stored doubled (exact in binary
   floating point). Without shared experts the shared expert has intermediate size 0 (it outputs 0).
-Sigmoid gating has no Qwen2-MoE equivalent: export refuses it rather than export something different.
+Sigmoid gating has no Qwen equivalent: export refuses it rather than export something different.
 """
 
 from __future__ import annotations
@@ -37,28 +38,38 @@ def check_exportable(cfg: ExperimentConfig) -> None:
     if cfg.model.normalization != "RMSNorm":
         raise ConvertError(f"export-hf: model.normalization={cfg.model.normalization} is not representable "
                            "in Qwen2-MoE (RMSNorm only)")
+    if cfg.model.qk_layernorm and cfg.model.moe_shared_expert_intermediate_size:
+        raise ConvertError("export-hf: model.qk_layernorm=true needs Qwen3-MoE, which has no shared expert "
+                           f"(model.moe_shared_expert_intermediate_size="
+                           f"{cfg.model.moe_shared_expert_intermediate_size}); Qwen2-MoE has no QK-norm")
+
+
+def hf_architecture(cfg: ExperimentConfig) -> str:
+    """The stock transformers class an export of ``cfg`` loads as."""
+    return "Qwen3MoeForCausalLM" if cfg.model.qk_layernorm else "Qwen2MoeForCausalLM"
 
 
 def hf_config(cfg: ExperimentConfig, vocab_size: int) -> dict:
-    """config.json of the unrolled Qwen2-MoE model. ``vocab_size`` is the padded embedding size."""
+    """config.json of the unrolled Qwen2-MoE (Qwen3-MoE with QK-norm) model. ``vocab_size`` is the
+    padded embedding size."""
     m, plan = cfg.model, ReusePlan.from_config(cfg)
     sizes = {g.num_candidates for g in plan.groups}
     if len(sizes) != 1:
         raise ConvertError("export-hf: a partial last reuse group gives layers different expert counts, "
                            "which Qwen2-MoE cannot express (allow_partial_last_group=true)")
-    return {
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "model_type": "qwen2_moe",
+    config = {
+        "architectures": [hf_architecture(cfg)],
+        "model_type": "qwen3_moe" if m.qk_layernorm else "qwen2_moe",
         "vocab_size": vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size or 4 * m.hidden_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": m.hidden_size // m.num_attention_heads,
+        "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.max_position_embeddings or cfg.train.seq_length,
-        "rms_norm_eps": 1e-5,  # megatron's layernorm_epsilon default, used by our norms
+        "rms_norm_eps": m.norm_epsilon,
         "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
         "rope_theta": float(m.rotary_base),  # the key transformers 4.x reads
@@ -66,15 +77,19 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int) -> dict:
         "decoder_sparse_step": 1,
         "mlp_only_layers": list(range(m.first_k_dense_layers)),
         "moe_intermediate_size": m.moe_ffn_hidden_size,
-        "shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size or 0,
         "num_experts_per_tok": m.moe_router_topk,
         "num_experts": sizes.pop(),
         "norm_topk_prob": cfg.rexmoe.gating == "topk_then_softmax",
-        "qkv_bias": False,
         "use_sliding_window": False,
         "torch_dtype": "bfloat16" if cfg.train.bf16 else "float32",
         "use_cache": True,
     }
+    if m.qk_layernorm:
+        config["attention_bias"] = False
+    else:
+        config["shared_expert_intermediate_size"] = m.moe_shared_expert_intermediate_size or 0
+        config["qkv_bias"] = False
+    return config
 
 
 def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
@@ -111,12 +126,15 @@ def hf_layer_tensors(cfg: ExperimentConfig, state: dict, layer: int, bank_expert
     src, dst = f"decoder.layers.{layer}", f"model.layers.{layer}"
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     q, k, v = split_qkv(state[f"{src}.self_attention.linear_qkv.weight"], heads, groups,
-                        m.hidden_size // heads)
+                        m.head_dim)
     yield f"{dst}.input_layernorm.weight", state[f"{src}.input_layernorm.weight"]
     yield f"{dst}.self_attn.q_proj.weight", q
     yield f"{dst}.self_attn.k_proj.weight", k
     yield f"{dst}.self_attn.v_proj.weight", v
     yield f"{dst}.self_attn.o_proj.weight", state[f"{src}.self_attention.linear_proj.weight"]
+    if m.qk_layernorm:
+        yield f"{dst}.self_attn.q_norm.weight", state[f"{src}.self_attention.q_layernorm.weight"]
+        yield f"{dst}.self_attn.k_norm.weight", state[f"{src}.self_attention.k_layernorm.weight"]
     yield f"{dst}.post_attention_layernorm.weight", state[f"{src}.pre_mlp_layernorm.weight"]
     if layer < m.first_k_dense_layers:
         yield from _swiglu_out(f"{dst}.mlp", state[f"{src}.mlp.linear_fc1.weight"],
@@ -126,6 +144,8 @@ def hf_layer_tensors(cfg: ExperimentConfig, state: dict, layer: int, bank_expert
     for c, (fc1, fc2) in enumerate(bank_experts):
         yield from _swiglu_out(f"{dst}.mlp.experts.{c}", fc1, fc2)
     hidden = m.hidden_size
+    if m.qk_layernorm:  # Qwen3-MoE: no shared expert (check_exportable refused one)
+        return
     if m.moe_shared_expert_intermediate_size:
         yield from _swiglu_out(f"{dst}.mlp.shared_expert", state[f"{src}.mlp.shared_experts.linear_fc1.weight"],
                                state[f"{src}.mlp.shared_experts.linear_fc2.weight"], down_scale=2.0)

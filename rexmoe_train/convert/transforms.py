@@ -1,8 +1,9 @@
 """State-dict transforms between formats, all on 1-process (ep=1) state dicts where a bank's local
 slot is its candidate index.
 
-- ``from_hf_unrolled``: the inverse of the Qwen2-MoE export. Every layer of a group carries copies
-  of the group's experts; they must agree bit for bit (anything else is not a ReXMoE export).
+- ``from_hf_unrolled``: the inverse of the Qwen2-MoE / Qwen3-MoE export. Every layer of a group
+  carries copies of the group's experts; they must agree bit for bit (anything else is not a ReXMoE
+  export). With ``stock=True`` (r=1) it also maps a stock transformers checkpoint (hf_import.py).
 - ``upcycle``: a vanilla (r=1) state dict -> reuse group size r, with identical outputs at step 0.
 """
 
@@ -17,14 +18,18 @@ from rexmoe_train.convert.hf_format import ConvertError, merge_qkv
 from rexmoe_train.model.reuse import ReusePlan
 
 
-def from_hf_unrolled(cfg: ExperimentConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_unrolled(cfg: ExperimentConfig, hf: dict[str, torch.Tensor], *,
+                     stock: bool = False) -> dict[str, torch.Tensor]:
+    """Our (1-process) state dict from Qwen-MoE tensor names. ``stock``: the folder is a stock
+    transformers checkpoint (not an export of ours): errors say so instead of "not a ReXMoE export"."""
     m, plan = cfg.model, ReusePlan.from_config(cfg)
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    head_dim = m.hidden_size // heads
+    head_dim = m.head_dim
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
-            raise ConvertError(f"import-hf: tensor {name} missing (not a ReXMoE export of this config)")
+            why = "the checkpoint is incomplete" if stock else "not a ReXMoE export of this config"
+            raise ConvertError(f"import-hf: tensor {name} missing ({why})")
         return hf[name]
 
     def fc1(prefix: str) -> torch.Tensor:
@@ -41,6 +46,9 @@ def from_hf_unrolled(cfg: ExperimentConfig, hf: dict[str, torch.Tensor]) -> dict
             take(f"{src}.self_attn.q_proj.weight"), take(f"{src}.self_attn.k_proj.weight"),
             take(f"{src}.self_attn.v_proj.weight"), heads, groups, head_dim)
         out[f"{dst}.self_attention.linear_proj.weight"] = take(f"{src}.self_attn.o_proj.weight")
+        if m.qk_layernorm:
+            out[f"{dst}.self_attention.q_layernorm.weight"] = take(f"{src}.self_attn.q_norm.weight")
+            out[f"{dst}.self_attention.k_layernorm.weight"] = take(f"{src}.self_attn.k_norm.weight")
         out[f"{dst}.pre_mlp_layernorm.weight"] = take(f"{src}.post_attention_layernorm.weight")
         if not plan.is_moe_layer(layer + 1):
             out[f"{dst}.mlp.linear_fc1.weight"] = fc1(f"{src}.mlp")
@@ -49,6 +57,11 @@ def from_hf_unrolled(cfg: ExperimentConfig, hf: dict[str, torch.Tensor]) -> dict
         out[f"{dst}.mlp.router.weight"] = take(f"{src}.mlp.gate.weight")
         if m.moe_shared_expert_intermediate_size:
             if take(f"{src}.mlp.shared_expert_gate.weight").count_nonzero():
+                if stock:
+                    raise ConvertError(
+                        f"import-hf: {src}.mlp.shared_expert_gate.weight is not zero: Qwen2-MoE scales its "
+                        "shared expert per token by a learned sigmoid gate, which ReXMoE's ungated shared "
+                        "expert cannot express (only an all-zero gate, a constant 0.5, is exact)")
                 raise ConvertError(f"import-hf: {src}.mlp.shared_expert_gate is not zero: not a ReXMoE export")
             out[f"{dst}.mlp.shared_experts.linear_fc1.weight"] = fc1(f"{src}.mlp.shared_expert")
             out[f"{dst}.mlp.shared_experts.linear_fc2.weight"] = take(f"{src}.mlp.shared_expert.down_proj.weight") / 2
