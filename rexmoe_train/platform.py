@@ -435,8 +435,15 @@ def reset_megatron_global_state() -> None:
     """megatron keeps MoE state in class attributes and module globals; reset it between runs in one
     process (tests), or a later run's schedule fails on a stale 0-d aux-loss scale."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     clear_aux_losses_tracker()
+    # clearing only zeroes the per-layer tensors: a later model with more MoE layers would index
+    # past them, so drop the entries too
+    get_moe_layer_wise_logging_tracker().clear()
     parallel_state.destroy_model_parallel()

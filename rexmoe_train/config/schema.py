@@ -41,6 +41,8 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")  # auto: TE when platform has it (GPU + TE)
+KERNEL_IMPLS = ("auto", "torch", "triton")
+DROP_POLICIES = ("probs", "position")  # megatron's moe_token_drop_policy values
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
@@ -88,10 +90,24 @@ class ReXMoEConfig:
     gating: str = "softmax_then_topk"
     psr: PSRConfig = field(default_factory=PSRConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    # Triton kernels (rexmoe_train/kernels): the fused router (softmax_then_topk gating with the PSR
+    # mask on scores) and the rexmoe_dedup dispatcher's permute/unpermute. auto: Triton on a GPU when
+    # triton is importable, torch elsewhere; triton forces them (on CPU only under TRITON_INTERPRET=1).
+    kernels: str = "auto"
 
     def validate(self, path: str = "rexmoe") -> None:
         _at_least(f"{path}.reuse_group_size", self.reuse_group_size, 1)
         _one_of(f"{path}.gating", self.gating, GATINGS)
+        _one_of(f"{path}.kernels", self.kernels, KERNEL_IMPLS)
+        if self.kernels == "triton":
+            from rexmoe_train.kernels._triton import HAVE_TRITON
+
+            if not HAVE_TRITON:
+                _fail(f"{path}.kernels", self.kernels, "needs triton (pip install triton); use auto or torch")
+            if self.gating != "softmax_then_topk" or self.psr.mask_on != "scores":
+                _fail(f"{path}.kernels", self.kernels,
+                      f"the fused router implements {path}.gating=softmax_then_topk with "
+                      f"{path}.psr.mask_on=scores only; use auto (torch gating for other settings)")
         self.psr.validate(f"{path}.psr")
         self.balance.validate(f"{path}.balance")
 
@@ -116,10 +132,24 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 64
     max_position_embeddings: Optional[int] = None  # None: train.seq_length
     transformer_impl: str = "auto"  # local (megatron torch modules) | transformer_engine | auto
+    qk_layernorm: bool = False  # per-head norm (model.normalization) of queries and keys (Qwen3-MoE)
+    kv_channels: Optional[int] = None  # head size; None: hidden_size / num_attention_heads
+    norm_epsilon: float = 1e-5  # epsilon of every norm (megatron's default; Qwen checkpoints use 1e-6)
+    # Token dropping (default: dropless). With a factor C each ROUTER sends each of its available
+    # candidates at most ceil(C * tokens * k / N_t) of the micro-batch's local tokens (N_t: PSR's
+    # available count); the surplus is dropped by moe_token_drop_policy: probs keeps the highest gate
+    # values, position the earliest tokens (megatron's policies). A physical expert reused by r
+    # routers can thus receive up to r such quotas. r=1 is megatron's own capacity rule.
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"  # probs | position
 
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_k_dense_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def resolved_transformer_impl(self) -> str:
         """"local" or "transformer_engine": auto is TE exactly when the platform has TE on a GPU."""
@@ -133,7 +163,9 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_moe_experts",
                      "moe_router_topk", "moe_ffn_hidden_size"):
             _at_least(f"{path}.{name}", getattr(self, name), 1)
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None:
+            _at_least(f"{path}.kv_channels", self.kv_channels, 1)
+        elif self.hidden_size % self.num_attention_heads:
             _fail(f"{path}.hidden_size", self.hidden_size,
                   f"must be divisible by {path}.num_attention_heads ({self.num_attention_heads})")
         if self.num_query_groups is not None and (
@@ -153,6 +185,13 @@ class ModelConfig:
             _at_least(f"{path}.moe_shared_expert_intermediate_size",
                       self.moe_shared_expert_intermediate_size, 1)
         _one_of(f"{path}.normalization", self.normalization, NORMALIZATIONS)
+        _one_of(f"{path}.qk_layernorm", self.qk_layernorm, (True, False))
+        if self.moe_expert_capacity_factor is not None and not self.moe_expert_capacity_factor > 0:
+            _fail(f"{path}.moe_expert_capacity_factor", self.moe_expert_capacity_factor,
+                  "must be > 0 (null: dropless)")
+        _one_of(f"{path}.moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
+        if not 0 < self.norm_epsilon < 1:
+            _fail(f"{path}.norm_epsilon", self.norm_epsilon, "must be in (0, 1)")
         _at_least(f"{path}.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)
         _one_of(f"{path}.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         if self.transformer_impl == "transformer_engine":
@@ -168,6 +207,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    # uneven pipeline (megatron's options): layers on the first / last stage, the other stages share
+    # the rest evenly; every stage boundary must still fall on a reuse-group boundary
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int = 1
     sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (megatron requires it with MoE)
@@ -416,7 +459,8 @@ class ExperimentConfig:
         from rexmoe_train.model.reuse import ReusePlan  # local: keeps config import light
 
         ReusePlan.from_config(self).check_pipeline_split(
-            p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+            p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+            p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
         )
         if world_size is not None:
             self.validate_layout(world_size)

@@ -79,6 +79,9 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
         init_method_std=m.init_method_std,
         normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        qk_layernorm=m.qk_layernorm,  # per-head norm of queries and keys (hidden size = head dim)
+        kv_channels=m.kv_channels,  # head size; None: hidden_size / num_attention_heads
         gated_linear_unit=True,  # SwiGLU experts and dense MLPs, as the paper's Megatron-LM setup
         activation_func=F.silu,
         add_bias_linear=False,
@@ -88,6 +91,9 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         num_moe_experts=m.num_moe_experts,
         moe_router_topk=m.moe_router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        # dense first-k layers: tell megatron the per-layer pattern, which also makes its
+        # sharded_state_dict key the layers one by one (stacked keys cannot mix dense and MoE MLPs)
+        moe_layer_freq=([0] * m.first_k_dense_layers + [1] * m.num_moe_layers) if m.first_k_dense_layers else 1,
         moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         moe_router_pre_softmax=r.gating == "softmax_then_topk",
         moe_router_score_function="sigmoid" if r.gating == "sigmoid" else "softmax",
@@ -96,6 +102,9 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         moe_z_loss_coeff=r.balance.z_loss_coeff or None,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
+        # token dropping: ReXMoERouter applies it over the PSR-available candidates (router.py)
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+        moe_token_drop_policy=m.moe_token_drop_policy,
         # TE path: the bank is one TEGroupedMLP (grouped GEMM); local path: a SequentialMLP
         moe_grouped_gemm=uses_transformer_engine(cfg),
         **fp8_fields(cfg),
@@ -103,6 +112,8 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=p.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         sequence_parallel=tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
@@ -133,19 +144,21 @@ def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpe
 
     Each MoE layer gets its own spec carrying its MoE index: megatron tells an MLP its layer number
     only after construction, but the router's width and the bank depend on the layer's group."""
+    qk = cfg.model.qk_layernorm
     if uses_transformer_engine(cfg):
         # TE attention (fused LN+QKV, TE core attention) and TEGroupedMLP experts; TENorm reads
         # config.normalization itself. Imported here: megatron's TE spec needs TE at build time.
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None)
+        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None, qk_layernorm=qk)
         moe_template = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.model.num_moe_experts, moe_grouped_gemm=True)
+            num_experts=cfg.model.num_moe_experts, moe_grouped_gemm=True, qk_layernorm=qk)
     else:
         norm = cfg.model.normalization
-        dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
+        dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm, qk_layernorm=qk)
         moe_template = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
-                                                moe_grouped_gemm=False, normalization=norm)
+                                                moe_grouped_gemm=False, normalization=norm,
+                                                qk_layernorm=qk)
     plan = context.plan
     specs = []
     for layer_number in range(1, cfg.model.num_layers + 1):

@@ -98,7 +98,7 @@ class ReXMoELayer(MoELayer):
         if dedup:
             self.token_dispatcher = DedupAllToAllDispatcher(
                 self.num_local_experts, self.local_expert_indices, config=layer_config,
-                pg_collection=pg_collection)
+                pg_collection=pg_collection, kernels=context.rexmoe.kernels)
 
         bank = context.banks.get_or_build(group, lambda: bank_class(experts_spec.module)(
             self.num_local_experts, layer_config, experts_spec.submodules, pg_collection,

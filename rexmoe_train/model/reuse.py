@@ -84,31 +84,79 @@ class ReusePlan:
     def group_of(self, moe_layer: int) -> ReuseGroup:
         return self.groups[moe_layer // self.reuse_group_size]
 
-    def check_pipeline_split(self, pp: int, vpp: Optional[int] = None) -> None:
+    def check_pipeline_split(self, pp: int, vpp: Optional[int] = None, first: Optional[int] = None,
+                             last: Optional[int] = None) -> None:
         """All layers of a group must live in one model chunk: an expert split across pipeline stages
-        would need its gradient synchronised across stages. Megatron splits layers evenly over
-        pp * vpp chunks; every chunk boundary must fall on a group boundary."""
+        would need its gradient synchronised across stages. Every chunk boundary of megatron's split
+        (pipeline_chunks) must fall on a group boundary."""
         from rexmoe_train.config.schema import ConfigError
 
-        chunks = pp * (vpp or 1)
-        if chunks == 1:
-            return
-        if self.num_layers % chunks:
-            raise ConfigError(
-                f"config error: model.num_layers={self.num_layers}: must be divisible by "
-                f"pipeline_model_parallel_size * virtual_pipeline_model_parallel_size ({chunks})")
-        per_chunk = self.num_layers // chunks
-        for chunk in range(1, chunks):
-            boundary = chunk * per_chunk  # first layer (0-based) of the next chunk
-            moe_boundary = boundary - self.first_k_dense_layers
-            if moe_boundary <= 0:
+        chunks = pipeline_chunks(self.num_layers, pp, vpp, first, last)
+        for index, (stage, boundary, _) in enumerate(chunks[1:], start=1):
+            moe_boundary = boundary - self.first_k_dense_layers  # MoE layers before this chunk
+            if moe_boundary <= 0 or moe_boundary >= self.num_moe_layers:
                 continue
-            group = self.group_of(min(moe_boundary, self.num_moe_layers) - 1)
+            group = self.group_of(moe_boundary - 1)
             if moe_boundary < group.first_moe_layer + group.size:
-                stage = chunk % pp
                 raise ConfigError(
                     f"config error: parallel.pipeline_model_parallel_size={pp}: pipeline stage "
-                    f"{stage} (model chunk {chunk}) would start at layer {boundary + 1}, inside reuse "
+                    f"{stage} (model chunk {index}) would start at layer {boundary + 1}, inside reuse "
                     f"group {group.index} (MoE layers {group.first_moe_layer}.."
                     f"{group.first_moe_layer + group.size - 1}); stage boundaries must fall on "
-                    f"multiples of rexmoe.reuse_group_size={self.reuse_group_size} MoE layers")
+                    f"multiples of rexmoe.reuse_group_size={self.reuse_group_size} MoE layers "
+                    f"(layers per chunk: {[count for _, _, count in chunks]})")
+
+
+def pipeline_chunks(num_layers: int, pp: int, vpp: Optional[int] = None, first: Optional[int] = None,
+                    last: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """(pipeline stage, first layer (0-based), layer count) of every model chunk, in model order:
+    megatron's split (get_transformer_layer_offset / get_num_layers_to_build), computed without
+    building anything so configs are checked before megatron is imported.
+
+    Even: num_layers / (pp * vpp) per chunk. Uneven (first / last = num_layers_in_first/last_
+    pipeline_stage): those stages hold first / last layers (first / vpp per chunk), the other
+    ("middle") stages share the rest evenly. Chunk v of every stage precedes chunk v+1 of any."""
+    from rexmoe_train.config.schema import ConfigError
+
+    v = vpp or 1
+
+    def bad(field: str, value, why: str):
+        return ConfigError(f"config error: parallel.{field}={value}: {why}")
+
+    for field, value in (("num_layers_in_first_pipeline_stage", first),
+                         ("num_layers_in_last_pipeline_stage", last)):
+        if value is None:
+            continue
+        if pp < 2:
+            raise bad(field, value, "needs parallel.pipeline_model_parallel_size >= 2")
+        if value < 1 or value % v:
+            raise bad(field, value, f"must be >= 1 and divisible by "
+                                    f"parallel.virtual_pipeline_model_parallel_size ({v})")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    if first is None and last is None:
+        if num_layers % (pp * v):
+            raise ConfigError(
+                f"config error: model.num_layers={num_layers}: must be divisible by "
+                f"pipeline_model_parallel_size * virtual_pipeline_model_parallel_size ({pp * v})")
+    elif middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
+            middle_stages and middle_layers % (middle_stages * v)):
+        raise bad("num_layers_in_first_pipeline_stage", first,
+                  f"with num_layers_in_last_pipeline_stage={last} the other {middle_stages} stage(s) "
+                  f"must share the remaining {middle_layers} of model.num_layers={num_layers} "
+                  f"layers evenly, in multiples of {v} per stage")
+
+    def per_chunk(stage: int) -> int:
+        if stage == 0 and first is not None:
+            return first // v
+        if stage == pp - 1 and last is not None:
+            return last // v
+        return middle_layers // v // middle_stages
+
+    out, offset = [], 0
+    for _ in range(v):
+        for stage in range(pp):
+            count = per_chunk(stage)
+            out.append((stage, offset, count))
+            offset += count
+    return out

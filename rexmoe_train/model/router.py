@@ -16,9 +16,12 @@ from rexmoe_train import platform
 platform.setup()  # before megatron: it binds torch.cuda names at import
 
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, get_capacity  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
 from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
+from rexmoe_train.kernels._triton import use_triton  # noqa: E402
+from rexmoe_train.kernels.fused_router import fused_router  # noqa: E402
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss  # noqa: E402
 from rexmoe_train.model.gating import gate  # noqa: E402
 from rexmoe_train.model.psr import PSRSchedule, PSRState  # noqa: E402
@@ -46,6 +49,10 @@ class ReXMoERouter(TopKRouter):
         self.position_in_group = moe_layer - group.first_moe_layer
         self.gating_kind = rexmoe.gating
         self.mask_on = rexmoe.psr.mask_on
+        # the fused Triton router computes exactly gate(..., "softmax_then_topk", .., "scores")
+        self.fused_gate = (use_triton(rexmoe.kernels) and rexmoe.gating == "softmax_then_topk"
+                           and rexmoe.psr.mask_on == "scores")
+        self.kernels = rexmoe.kernels
         self.psr_state = psr_state
         self.psr_schedule = PSRSchedule(
             rexmoe.psr.schedule, group.experts_per_layer, group.size,
@@ -59,6 +66,9 @@ class ReXMoERouter(TopKRouter):
         # Tokens routed to each candidate during this optimizer step (training only), for metrics.
         self.register_buffer("step_load", torch.zeros(group.num_candidates, dtype=torch.float64),
                              persistent=False)
+        # (token, expert) assignments chosen before any capacity drop: step_load.sum() / this is
+        # the share kept
+        self.register_buffer("step_routed", torch.zeros((), dtype=torch.float64), persistent=False)
 
     # -- PSR ---------------------------------------------------------------------------------------
     def available(self) -> torch.Tensor:
@@ -68,6 +78,7 @@ class ReXMoERouter(TopKRouter):
     def reset_step_state(self) -> None:
         """Called by the trainer before each optimizer step."""
         self.step_load.zero_()
+        self.step_routed.zero_()
         self.layer_counts.reset()
         self.group_balance.reset()
 
@@ -78,13 +89,42 @@ class ReXMoERouter(TopKRouter):
         logits = logits.view(-1, self.config.num_moe_experts)
         logits = self.apply_z_loss(logits)
         allowed = self.available()
-        out = gate(logits, self.topk, self.gating_kind, allowed, self.mask_on)
-        probs = out.probs
+        if self.fused_gate:
+            out = fused_router(logits, self.topk, allowed, dense=True, impl=self.kernels)
+        else:
+            out = gate(logits, self.topk, self.gating_kind, allowed, self.mask_on)
+        probs, routing_map = out.probs, out.routing_map
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = self._drop_over_capacity(probs, routing_map, allowed)
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.step_load += out.routing_map.sum(dim=0).to(self.step_load.dtype)
+            with torch.no_grad():  # what the experts receive (after any drop)
+                self.step_load += routing_map.sum(dim=0).to(self.step_load.dtype)
+                self.step_routed += out.routing_map.sum()
+            # balance losses see the routing before the drop, as megatron's TopKRouter does
             probs = self._attach_balance_losses(probs, out, allowed)
-        return self.placement.to_physical(probs), self.placement.to_physical(out.routing_map)
+        return self.placement.to_physical(probs), self.placement.to_physical(routing_map)
+
+    def _drop_over_capacity(self, probs: torch.Tensor, routing_map: torch.Tensor, allowed: torch.Tensor):
+        """megatron's capacity rule, ceil(C * tokens * k / experts), over the N_t AVAILABLE
+        candidates only: masked candidates receive nothing, so counting them would shrink every
+        quota by N_t / (r*N) while PSR ramps.
+
+        probs: megatron's own policy (each candidate keeps its highest gate values). position: the
+        EARLIEST tokens, exactly; megatron's version takes a top-k over the 0/1 routing map, whose
+        choice among ties is unspecified (on CPU it keeps later tokens too)."""
+        columns = allowed.nonzero().squeeze(1)
+        sub_probs, sub_map = probs.index_select(1, columns), routing_map.index_select(1, columns)
+        if self.config.moe_token_drop_policy == "position":
+            capacity = get_capacity(sub_map.shape[0] * self.topk, sub_map.shape[1],
+                                    self.config.moe_expert_capacity_factor)
+            kept_map = sub_map & (sub_map.long().cumsum(dim=0) <= capacity)
+            kept_probs = sub_probs * kept_map
+        else:
+            kept_probs, kept_map = apply_router_token_dropping(
+                sub_probs, sub_map, self.topk, self.config.moe_expert_capacity_factor, "probs")
+        probs = torch.zeros_like(probs).index_copy(1, columns, kept_probs)
+        routing_map = torch.zeros_like(routing_map).index_copy(1, columns, kept_map)
+        return probs, routing_map
 
     def _attach_balance_losses(self, probs: torch.Tensor, out, allowed: torch.Tensor) -> torch.Tensor:
         tokens = out.routing_map.shape[0]

@@ -53,6 +53,8 @@ platform.setup()  # before megatron: it binds torch.cuda names at import
 from megatron.core.tensor_parallel import all_to_all  # noqa: E402
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher  # noqa: E402
 
+from rexmoe_train.kernels.dedup_permute import DedupPermuted, dedup_permute, dedup_unpermute  # noqa: E402
+
 #: the parallel.moe_token_dispatcher_type value that selects this dispatcher
 DEDUP_DISPATCHER = "rexmoe_dedup"
 #: index of each counter in DedupAllToAllDispatcher.counters
@@ -62,37 +64,9 @@ _SPLIT_BYTES = 8  # int64 split sizes / expert counts
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure helpers (no communication): tested against a naive reference in tests/parallel.
+# Pure helpers (no communication): tested against a naive reference in tests/parallel. The source
+# rank's permute / unpermute are kernels/dedup_permute.py (Triton on a GPU, torch elsewhere).
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class PackedRows:
-    """What the source rank sends: one row per (token, destination rank), destination-major."""
-
-    tokens: torch.Tensor  # long [rows]: source token index of each row
-    rows_per_rank: torch.Tensor  # long [ep]
-    gates: torch.Tensor  # [rows, W] probs dtype (differentiable), 0 in padding
-    slots: torch.Tensor  # long [rows, W], local slot on the destination rank, -1 in padding
-    copies_per_rank: torch.Tensor  # long [ep]: (token, expert) pairs per rank (stock path's rows)
-
-
-def pack_rows(routing_map: torch.Tensor, probs: torch.Tensor, ep: int, width: int) -> PackedRows:
-    """routing_map/probs [T, ep*L] (physical order) -> one row per (token, rank) with its slots."""
-    tokens_n, experts = routing_map.shape
-    local = experts // ep
-    per_rank = routing_map.reshape(tokens_n, ep, local)
-    # nonzero of the [ep, T] mask is rank-major, token-minor: the all-to-all send order.
-    ranks, tokens = per_rank.any(dim=-1).t().nonzero(as_tuple=True)
-    chosen = per_rank[tokens, ranks]  # [rows, L] bool
-    # Move the chosen slots of each row to the front (stable: ascending slot id), keep W columns.
-    order = torch.sort(chosen.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
-    valid = chosen.gather(1, order)
-    gates = probs.reshape(tokens_n, ep, local)[tokens, ranks].gather(1, order)
-    gates = torch.where(valid, gates, torch.zeros_like(gates))
-    slots = torch.where(valid, order, torch.full_like(order, -1))
-    return PackedRows(tokens=tokens, rows_per_rank=torch.bincount(ranks, minlength=ep),
-                      gates=gates, slots=slots, copies_per_rank=per_rank.sum(dim=(0, 2)))
-
-
 @dataclass
 class ExpandedPairs:
     """Received rows expanded into (row, slot) pairs grouped by local slot (SequentialMLP order)."""
@@ -126,14 +100,14 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
     """megatron's six-method dispatcher interface, one row per (token, EP rank) on the wire."""
 
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config,
-                 pg_collection=None) -> None:
+                 pg_collection=None, kernels: str = "auto") -> None:
         super().__init__(config=config, pg_collection=pg_collection)
-        if config.moe_expert_capacity_factor is not None or config.moe_pad_expert_input_to_capacity:
-            # megatron drops over-capacity tokens in the router (TopKRouter.routing), before any
-            # dispatcher; ReXMoERouter does not implement that, so no dispatcher could honour it.
-            raise ValueError("rexmoe_dedup dispatcher is dropless: moe_expert_capacity_factor / "
-                             "moe_pad_expert_input_to_capacity are not supported (token dropping "
-                             "belongs in the router, which ReXMoERouter does not implement)")
+        self.kernels = kernels  # rexmoe.kernels: auto | torch | triton (kernels/dedup_permute.py)
+        if config.moe_pad_expert_input_to_capacity:
+            # capacity DROPPING happens in the router (ReXMoERouter) and needs nothing from a
+            # dispatcher; padding every expert's input to its capacity would defeat the dedup
+            raise ValueError("rexmoe_dedup dispatcher does not pad expert inputs to capacity "
+                             "(moe_pad_expert_input_to_capacity); use alltoall")
         if self.tp_size > 1:
             raise ValueError("rexmoe_dedup dispatcher needs expert_tensor_parallel_size=1; use alltoall")
         if config.moe_shared_expert_overlap:
@@ -150,7 +124,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         # Forward bytes to other ranks since the last reset (see BYTE_COUNTERS); on the compute device
         # so counting never forces a host sync.
         self.counters = torch.zeros(len(BYTE_COUNTERS), dtype=torch.long, device=platform.device())
-        self._packed: Optional[PackedRows] = None
+        self._packed: Optional[DedupPermuted] = None
         self._pairs: Optional[ExpandedPairs] = None
 
     # -- byte accounting ---------------------------------------------------------------------------
@@ -171,7 +145,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         self.probs_dtype = probs.dtype
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
         self.num_tokens = hidden.shape[0]
-        packed = pack_rows(routing_map, probs, self.ep_size, self.width)
+        packed = dedup_permute(hidden, routing_map, probs, self.ep_size, self.width, impl=self.kernels)
         self._packed = packed
         # Split sizes must be host ints for all_to_all_single; exchange them now (one small a2a).
         send = packed.rows_per_rank
@@ -182,14 +156,15 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
             recv = send
         self.input_splits = send.tolist()
         self.output_splits = recv.tolist()
-        rows = hidden.index_select(0, packed.tokens)
         meta = torch.cat([packed.gates.to(_META_DTYPE), packed.slots.to(_META_DTYPE)], dim=1)
-        self._count_dispatch(hidden, probs, packed)
-        return rows, meta
+        self._count_dispatch(hidden, probs, routing_map)
+        return packed.rows, meta
 
-    def _count_dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, packed: PackedRows) -> None:
+    def _count_dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> None:
         if self.ep_size == 1:
             return
+        # (token, expert) pairs per destination rank: what megatron's alltoall would send
+        copies_per_rank = routing_map.reshape(routing_map.shape[0], self.ep_size, -1).sum(dim=(0, 2))
         remote = torch.ones(self.ep_size, dtype=torch.long, device=self.counters.device)
         remote[self.ep_rank] = 0
         row_bytes = hidden.shape[1] * hidden.element_size()
@@ -197,7 +172,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         remote_rows = sum(n for q, n in enumerate(self.input_splits) if q != self.ep_rank)
         self.counters[0] += _SPLIT_BYTES * (self.ep_size - 1) + remote_rows * (row_bytes + meta_bytes)
         self.counters[2] += _SPLIT_BYTES * self.num_experts * (self.ep_size - 1)
-        self.counters[2] += (packed.copies_per_rank.to(remote.device) * remote).sum() * (
+        self.counters[2] += (copies_per_rank.to(remote.device) * remote).sum() * (
             row_bytes + probs.element_size())
         self._row_bytes = row_bytes
 
@@ -239,7 +214,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         return all_to_all(self.ep_group, rows, self.input_splits, self.output_splits)
 
     def combine_postprocess(self, rows: torch.Tensor) -> torch.Tensor:
-        out = rows.new_zeros((self.num_tokens, rows.shape[-1])).index_add(0, self._packed.tokens, rows)
+        out = dedup_unpermute(rows, self._packed.row_of, impl=self.kernels)
         self._packed = self._pairs = None
         return out.view(self.hidden_shape)
 

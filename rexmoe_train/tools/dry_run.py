@@ -12,7 +12,7 @@ import math
 from typing import Optional
 
 from rexmoe_train.config.schema import ExperimentConfig
-from rexmoe_train.model.reuse import ReusePlan
+from rexmoe_train.model.reuse import ReusePlan, pipeline_chunks
 from rexmoe_train.parallel.placement import ExpertPlacement
 
 
@@ -25,9 +25,11 @@ def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> dict[str, int]:
     """Counts for the local-spec model this project builds (SwiGLU MLPs, RMSNorm, no biases)."""
     m, plan = cfg.model, ReusePlan.from_config(cfg)
     h, heads = m.hidden_size, m.num_attention_heads
-    head_dim = h // heads
+    head_dim = m.head_dim  # model.kv_channels, else hidden / heads
     groups = m.num_query_groups or heads
     attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
+    if m.qk_layernorm:  # one per-head norm for queries, one for keys (shared across heads)
+        attention += 2 * head_dim
     norms = 2 * h
     swiglu = lambda inner: 3 * h * inner  # noqa: E731 - fc1 (gate + up) and fc2
     dense_mlp = swiglu(m.ffn_hidden_size or 4 * h)
@@ -90,8 +92,8 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
     cfg.validate(world)
     p, m, plan = cfg.parallel, cfg.model, ReusePlan.from_config(cfg)
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
-    per_chunk = m.num_layers // chunks
+    chunks = pipeline_chunks(m.num_layers, pp, p.virtual_pipeline_model_parallel_size,
+                             p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage)
     lines = [
         f"world size {world}: tp={tp} pp={pp} vpp={p.virtual_pipeline_model_parallel_size} "
         f"ep={p.expert_model_parallel_size} etp={p.expert_tensor_parallel_size} "
@@ -103,12 +105,12 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
         f"{cfg.rexmoe.psr.start_step}->{cfg.rexmoe.psr.end_step}",
         "pipeline:",
     ]
-    for chunk in range(chunks):
-        first, last = chunk * per_chunk, (chunk + 1) * per_chunk - 1
+    for chunk, (stage, first, count) in enumerate(chunks):
+        last = first + count - 1
         moe = [layer - m.first_k_dense_layers for layer in range(first, last + 1)
                if plan.is_moe_layer(layer + 1)]
         held = sorted({plan.group_of(i).index for i in moe})
-        lines.append(f"  stage {chunk % pp} chunk {chunk // pp}: layers {first + 1}-{last + 1}, "
+        lines.append(f"  stage {stage} chunk {chunk // pp}: layers {first + 1}-{last + 1}, "
                      f"reuse groups {held}")
     counts = parameter_counts(cfg, vocab_size)
     lines.append("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))

@@ -28,6 +28,7 @@ class Shape:
     dense_layers: int = 0  # first-k dense layers
     dense_ffn: int = 0
     vocab: int = 32000
+    head_dim: int = 0  # 0: hidden / heads (model.kv_channels may set another)
 
 
 def flops_per_token(shape: Shape, reuse: int, seq: int) -> dict[str, float]:
@@ -35,7 +36,7 @@ def flops_per_token(shape: Shape, reuse: int, seq: int) -> dict[str, float]:
 
     ``counted`` = attention + active experts (incl. shared/dense MLPs) + router: what MFU uses.
     ``train`` = 3 x counted."""
-    h, head_dim = shape.hidden, shape.hidden // shape.heads
+    h, head_dim = shape.hidden, shape.head_dim or shape.hidden // shape.heads
     moe_layers = shape.layers - shape.dense_layers
     qkv = 2 * h * (shape.heads + 2 * shape.kv_heads) * head_dim
     out = 2 * shape.heads * head_dim * h
@@ -70,4 +71,4 @@ def shape_from_experiment(cfg, vocab: int) -> "Shape":
                  kv_heads=m.num_query_groups or m.num_attention_heads, layers=m.num_layers,
                  experts=m.num_moe_experts, topk=m.moe_router_topk, moe_ffn=m.moe_ffn_hidden_size,
                  shared_ffn=m.moe_shared_expert_intermediate_size or 0, dense_layers=m.first_k_dense_layers,
-                 dense_ffn=m.ffn_hidden_size or 4 * m.hidden_size, vocab=vocab)
+                 dense_ffn=m.ffn_hidden_size or 4 * m.hidden_size, vocab=vocab, head_dim=m.head_dim)

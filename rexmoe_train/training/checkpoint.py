@@ -146,6 +146,8 @@ def model_signature(cfg, vocab_size: int) -> dict[str, Any]:
         "model.moe_shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size,
         "model.first_k_dense_layers": m.first_k_dense_layers,
         "model.normalization": m.normalization,
+        "model.qk_layernorm": m.qk_layernorm,
+        "model.head_dim": m.head_dim,
         "model.untie_embeddings_and_output_weights": m.untie_embeddings_and_output_weights,
         "model.vocab_size": vocab_size,
         "rexmoe.reuse_group_size": r.reuse_group_size,
@@ -191,8 +193,17 @@ def optimizer_compatible(saved: dict, current: dict) -> bool:
     return _optimizer_layout(saved) == _optimizer_layout(current)
 
 
+def _implied_by_older_checkpoints(saved: dict) -> dict[str, Any]:
+    """Signature fields added after checkpoints were first written, with the value those implied."""
+    implied: dict[str, Any] = {"model.qk_layernorm": False}
+    if "model.hidden_size" in saved and "model.num_attention_heads" in saved:
+        implied["model.head_dim"] = saved["model.hidden_size"] // saved["model.num_attention_heads"]
+    return implied
+
+
 def compare_model(saved: dict, current: dict) -> list[str]:
     diffs = []
+    saved = _implied_by_older_checkpoints(saved) | saved
     for key in current:
         if key not in saved:
             diffs.append(f"{key}: missing in checkpoint, config {current[key]!r}")

@@ -78,10 +78,13 @@ def router_load(cfg, routers: list, step: int) -> dict:
     plan = ReusePlan.from_config(cfg)
     width = plan.reuse_group_size * plan.experts_per_layer
     load = torch.zeros(plan.num_moe_layers, width, dtype=torch.float64, device=platform.device())
+    routed = torch.zeros(plan.num_moe_layers, dtype=torch.float64, device=platform.device())
     for router in routers:
         load[router.moe_layer, : router.step_load.numel()] = router.step_load
+        routed[router.moe_layer] = router.step_routed
     dist.all_reduce(load)
-    load = load.cpu()
+    dist.all_reduce(routed)
+    load, routed = load.cpu(), routed.cpu()
     psr, n = cfg.rexmoe.psr, plan.experts_per_layer
     layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
     max_share = []
@@ -108,6 +111,9 @@ def router_load(cfg, routers: list, step: int) -> dict:
            "under_used_fraction": under_used, "group_load_violation_max": group_vio,
            "group_max_share": max_share,
            "reuse_matrix": reuse}
+    if cfg.model.moe_expert_capacity_factor is not None:  # share of assignments dropped, per layer
+        out["dropped_fraction"] = [round(float(1 - load[i].sum() / r), 4) if r > 0 else 0.0
+                                   for i, r in enumerate(routed.tolist())]
     if step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters:
         out["expert_load"] = expert_load
     return out

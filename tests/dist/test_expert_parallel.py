@@ -33,12 +33,18 @@ def _forward_backward(model, x, pos):
     return losses.detach()
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather", "rexmoe_dedup"])
-@pytest.mark.parametrize("r", [2, 4])
-def test_ep2_matches_single_rank(layout, dispatcher, r):
+# capacity: the quota is computed from each rank's own tokens before dispatch, as each rank's ep=1
+# reference computes it, so dropping must give the same result in every layout and dispatcher
+CASES = [(d, r, None) for r in (2, 4) for d in ("alltoall", "allgather", "rexmoe_dedup")]
+CASES += [("alltoall", 4, 0.75), ("rexmoe_dedup", 4, 0.75)]
+
+
+@pytest.mark.parametrize("dispatcher,r,capacity", CASES)
+def test_ep2_matches_single_rank(layout, dispatcher, r, capacity):
     from rexmoe_train.model.gpt import build_model
 
     cfg = tiny_config(r=r, layers=4, psr="linear", start_step=0, end_step=10)
+    cfg.model.moe_expert_capacity_factor = capacity
     cfg.rexmoe.balance.layer_aux_coeff = 0.0  # local-token losses differ by design across layouts
     cfg.rexmoe.balance.z_loss_coeff = 0.0
     cfg.parallel.moe_token_dispatcher_type = dispatcher

@@ -107,17 +107,47 @@ def test_gradients_match_reference(triton_cpu):
     torch.testing.assert_close(grads["triton"][1], grads["torch"][1])
 
 
-def test_matches_the_dedup_dispatcher_wire_format(triton_cpu):
-    """Drop-in check against parallel/dispatcher.py's torch packing (skipped if its helper moved)."""
-    dispatcher = pytest.importorskip("rexmoe_train.parallel.dispatcher")
-    pack_rows = getattr(dispatcher, "pack_rows", None)
-    if pack_rows is None:
-        pytest.skip("parallel.dispatcher.pack_rows is gone: nothing to compare against")
-    routing_map, probs = routing(40, 4, 3, 4, True, seed=5)
-    ref = pack_rows(routing_map, probs, 4, 3)
-    got = dedup_permute(torch.randn(40, 8), routing_map, probs, 4, 3, impl="triton")
-    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.rows_per_rank, ref.rows_per_rank)
-    assert torch.equal(got.slots, ref.slots) and torch.equal(got.gates, ref.gates)
+def test_model_runs_the_triton_kernels_where_configured(triton_cpu, poisoned, layout):
+    """rexmoe.kernels=triton: the router's gate is fused_router and the rexmoe_dedup dispatcher's
+    permute/unpermute are the Triton kernels (here through the interpreter); the model's loss and
+    every gradient equal the torch path's, mid-PSR-ramp, with and without a capacity factor."""
+    from unittest import mock
+
+    import importlib
+
+    permute_module = importlib.import_module("rexmoe_train.kernels.dedup_permute")
+    router_module = importlib.import_module("rexmoe_train.kernels.fused_router")
+    from rexmoe_train.model.gpt import build_model
+    from tests.helpers import tiny_config
+
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    for capacity in (None, 1.0):
+        results = {}
+        for kernels in ("torch", "triton"):
+            cfg = tiny_config(r=2, layers=2, hidden=32, psr="linear", start_step=0, end_step=10)
+            cfg.model.moe_expert_capacity_factor = capacity
+            cfg.parallel.moe_token_dispatcher_type = "rexmoe_dedup"
+            cfg.rexmoe.kernels = kernels
+            cfg.validate(world_size=1)
+            layout(cfg.parallel, seed=11)  # same seed: same initial weights in both builds
+            built = build_model(cfg, 96)
+            built.psr_state.set_step(4)
+            assert all(r.fused_gate == (kernels == "triton") for r in built.routers)
+            model = built.chunks[0]
+            launches = mock.patch.object(permute_module._PermuteFn, "apply",
+                                         wraps=permute_module._PermuteFn.apply)
+            with launches as permute, mock.patch.object(router_module._RouterFn, "apply",
+                                                        wraps=router_module._RouterFn.apply) as gate:
+                loss = model(x, pos, None, labels=x).float().sum()
+                loss.backward()
+            # one launch per MoE layer on the Triton path, none on the torch path
+            assert permute.call_count == gate.call_count == (2 if kernels == "triton" else 0)
+            results[kernels] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        (ref_loss, ref_grads), (loss, grads) = results["torch"], results["triton"]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_router_to_permute_pipeline(triton_cpu, poisoned):

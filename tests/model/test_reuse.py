@@ -43,3 +43,60 @@ def test_dense_first_layers_shift_boundaries():
         ReusePlan(10, 2, 4, 8).check_pipeline_split(2)
     # 2 dense + 6 MoE (r=2), pp=2: stage 1 starts at layer 5 = MoE layer 2, a group boundary
     ReusePlan(8, 2, 2, 8).check_pipeline_split(2)
+
+
+# (num_layers, pp, vpp, first, last): even and uneven splits megatron accepts
+SPLITS = [(8, 2, None, None, None), (8, 2, 2, None, None), (12, 3, None, 2, None), (12, 3, None, None, 2),
+          (12, 3, None, 2, 2), (12, 4, None, 3, 3), (16, 3, 2, 4, 4), (16, 2, 2, 4, None), (10, 2, None, 4, 6)]
+
+
+@pytest.mark.parametrize("num_layers,pp,vpp,first,last", SPLITS)
+def test_pipeline_chunks_match_megatron(num_layers, pp, vpp, first, last):
+    """Our config-time split is megatron's (get_transformer_layer_offset / get_num_layers_to_build)."""
+    from rexmoe_train import platform
+
+    platform.setup()
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from rexmoe_train.model.reuse import pipeline_chunks
+
+    tc = TransformerConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4,
+                           pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                           num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+                           pipeline_dtype=__import__("torch").float32, **platform.transformer_config_overrides())
+    expected = sorted(
+        (get_transformer_layer_offset(tc, vp_stage=v if vpp else None, pp_rank=stage), stage,
+         get_num_layers_to_build(tc, vp_stage=v if vpp else None, pp_rank=stage))
+        for v in range(vpp or 1) for stage in range(pp))
+    got = pipeline_chunks(num_layers, pp, vpp, first, last)
+    assert [(offset, stage, count) for stage, offset, count in got] == expected
+    assert sum(count for _, _, count in got) == num_layers
+
+
+def test_uneven_pipeline_stages_must_fall_on_groups():
+    plan = ReusePlan(num_layers=12, first_k_dense_layers=0, reuse_group_size=2, experts_per_layer=8)
+    plan.check_pipeline_split(3, None, 2, 2)  # 2 | 8 | 2 layers: boundaries at 2 and 10
+    plan.check_pipeline_split(2, None, 4, None)  # 4 | 8
+    with pytest.raises(ConfigError, match=r"stage 1 \(model chunk 1\) would start at layer 4, inside "
+                                          r"reuse group 1 .*layers per chunk: \[3, 9\]"):
+        plan.check_pipeline_split(2, None, 3, None)
+    dense = ReusePlan(num_layers=13, first_k_dense_layers=1, reuse_group_size=4, experts_per_layer=8)
+    dense.check_pipeline_split(2, None, 5, None)  # dense + one group of 4 | two groups
+    with pytest.raises(ConfigError, match="inside reuse group 0"):
+        dense.check_pipeline_split(2, None, 4, None)
+
+
+@pytest.mark.parametrize("args,field", [
+    ((2, None, 0, None), "num_layers_in_first_pipeline_stage=0"),
+    ((2, 2, 3, None), "num_layers_in_first_pipeline_stage=3: must be >= 1 and divisible by"),
+    ((1, None, None, 4), "num_layers_in_last_pipeline_stage=4: needs parallel.pipeline_model_parallel_size >= 2"),
+    ((4, None, 3, 4), "the other 2 stage\\(s\\) must share the remaining 5"),
+    ((2, None, 4, 4), "the other 0 stage\\(s\\) must share the remaining 4"),
+])
+def test_uneven_pipeline_bad_values_are_one_line(args, field):
+    plan = ReusePlan(num_layers=12, first_k_dense_layers=0, reuse_group_size=1, experts_per_layer=8)
+    with pytest.raises(ConfigError, match=field) as err:
+        plan.check_pipeline_split(*args)
+    assert "\n" not in str(err.value)

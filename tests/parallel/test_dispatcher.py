@@ -19,11 +19,15 @@ def _routing(tokens: int, experts: int, topk: int, seed: int):
 
 @pytest.mark.parametrize("ep,local,topk", [(4, 6, 3), (2, 2, 4), (1, 8, 2), (8, 32, 8)])
 def test_pack_expand_reduce_match_naive(ep, local, topk):
-    from rexmoe_train.parallel.dispatcher import expand_pairs, pack_rows, reduce_rows
+    """The source rank's packing (kernels/dedup_permute.py, torch path), the expert rank's expansion
+    and reduction, each against a loop over the wire order."""
+    from rexmoe_train.kernels.dedup_permute import dedup_permute
+    from rexmoe_train.parallel.dispatcher import expand_pairs, reduce_rows
 
     width = min(topk, local)
     routing_map, probs = _routing(29, ep * local, topk, seed=ep + local)
-    packed = pack_rows(routing_map, probs, ep, width)
+    hidden = torch.randn(29, 5)
+    packed = dedup_permute(hidden, routing_map, probs, ep, width, impl="torch")
 
     # naive: loop over ranks then tokens (the wire order), slots ascending, padded to width
     tokens, slots, gates, rows_per_rank = [], [], [], [0] * ep
@@ -40,7 +44,7 @@ def test_pack_expand_reduce_match_naive(ep, local, topk):
     assert packed.rows_per_rank.tolist() == rows_per_rank
     assert packed.slots.tolist() == slots
     torch.testing.assert_close(packed.gates, torch.tensor(gates))
-    assert packed.copies_per_rank.tolist() == routing_map.view(-1, ep, local).sum(dim=(0, 2)).tolist()
+    assert torch.equal(packed.rows, hidden[tokens])
 
     # expansion on a receiving rank: pairs grouped by slot, received-row order within a slot
     pairs = expand_pairs(packed.slots, local)
@@ -66,12 +70,13 @@ def _forward_backward(model, x, pos):
     return losses.detach()
 
 
-@pytest.mark.parametrize("r", [1, 2, 4])
-def test_ep1_dedup_matches_megatron_alltoall(layout, r):
+@pytest.mark.parametrize("r,capacity", [(1, None), (2, None), (4, None), (4, 0.75)])
+def test_ep1_dedup_matches_megatron_alltoall(layout, r, capacity):
     from rexmoe_train.model.gpt import build_model
     from rexmoe_train.parallel.dispatcher import DedupAllToAllDispatcher, find_dedup_dispatchers
 
     cfg = tiny_config(r=r, layers=4, topk=3, psr="linear", start_step=0, end_step=10)
+    cfg.model.moe_expert_capacity_factor = capacity  # dropped tokens must be handled alike
     g = torch.Generator().manual_seed(7)
     x = torch.randint(0, 96, (2, 32), generator=g)
     pos = torch.arange(32).unsqueeze(0).expand(2, -1)
@@ -104,7 +109,7 @@ def test_ep1_dedup_matches_megatron_alltoall(layout, r):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_rejects_capacity_factor(layout):
+def test_rejects_padding_to_capacity(layout):
     import copy
 
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -115,8 +120,10 @@ def test_rejects_capacity_factor(layout):
     cfg = tiny_config(r=1)
     layout(cfg.parallel)
     tc = copy.copy(transformer_config(cfg))
-    tc.moe_expert_capacity_factor = 1.25
-    with pytest.raises(ValueError, match="dropless"):
+    tc.moe_expert_capacity_factor = 1.25  # dropping alone is fine (it happens in the router) ...
+    DedupAllToAllDispatcher(8, list(range(8)), config=tc, pg_collection=get_default_pg_collection())
+    tc.moe_pad_expert_input_to_capacity = True  # ... padding to capacity is not
+    with pytest.raises(ValueError, match="moe_pad_expert_input_to_capacity"):
         DedupAllToAllDispatcher(8, list(range(8)), config=tc, pg_collection=get_default_pg_collection())
 
 
