@@ -51,6 +51,13 @@ class _GroupSlots:
         self.group = group
         self.placement = placement
         self.num_moe_layers = num_moe_layers
+        # Every expert weight belongs to megatron's expert grad buffer and optimizer, reduced over the
+        # expert-data-parallel group. Megatron marks expert params `allreduce=True` when ep == 1,
+        # which puts them in the dense buffer, reduced over the dense data-parallel group: wrong at
+        # tp > 1 with expert_tensor_parallel_size=1, where each TP rank runs the (replicated) experts
+        # on its own sequence-parallel share of the tokens and the replicas must sum their grads.
+        for param in self.parameters():
+            param.allreduce = False
 
     def slot_identity(self, slot: int) -> tuple[int, int]:
         """Local slot -> (owner MoE layer, expert index) on this EP rank."""

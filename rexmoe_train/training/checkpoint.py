@@ -62,8 +62,9 @@ def sharding_metadata(cfg) -> dict:
 
 
 def optimizer_chain_length(optimizer) -> int:
-    """How many optimizers megatron chains on this rank: 1, or 2 when the experts have their own
-    (expert-parallel params, ep > 1). Their common state only loads into the same structure."""
+    """How many optimizers megatron chains on this rank: 2 when the model has experts (they have
+    their own, at every ep: model/experts.py), else 1. Their common state only loads into the same
+    structure (checkpoints written before the experts always had their own optimizer have 1)."""
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 

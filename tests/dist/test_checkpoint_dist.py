@@ -1,30 +1,19 @@
 """Checkpoints on 2 processes: resume is bitwise at ep=2 (with and without the distributed optimizer)
 and at pp=2 with virtual pipeline stages;
-a checkpoint saved by 1 process reshards into ep=2, tp=2 (sequence parallel) and pp=2 and continues
-with the same losses."""
+a checkpoint saved by 1 process (r=2 and r=4, PSR mid-ramp) reshards into ep=2 (both dispatchers,
+distributed optimizer on and off), tp=2 (sequence parallel), tp=2 + ep=2, pp=2, pp=2 with
+interleaving and pp=2 with uneven stages, and continues with the same loss, grad norm and post-step loss (rel. err <= 1e-5).
+ep=2 + dp=2 on 4 processes: tests/dist4."""
 
 from __future__ import annotations
-
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
+from tests.dist import _reference
 from tests.helpers import tiny_config
 
-
-def _shared_dir() -> Path:
-    box = [tempfile.mkdtemp(prefix="rexmoe-ckpt-") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
-
-
-def _remove_shared_dir(base: Path) -> None:
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(base, ignore_errors=True)
+_shared_dir, _remove_shared_dir = _reference.shared_dir, _reference.remove_shared_dir
 
 
 def _trainer(cfg):
@@ -74,61 +63,80 @@ def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
 
 
 # layout -> (parallel overrides, optimizer state loaded?). The non-distributed optimizer's state is
-# per parameter under layout-free keys, so it reshards into tp=2 / pp=2. With ep>1 megatron gives the
-# experts their own chained optimizer, a different structure from ep=1: model + LR schedule + step
-# only (checkpoint.load_optimizer=false); loading the optimizer too is refused in one line.
+# per parameter under layout-free keys (experts by owner layer and expert), so it reshards into any
+# tp / pp / ep. Distributed-optimizer state follows the grad buffers of the layout that saved it: model
+# + LR schedule + step only (checkpoint.load_optimizer=false); loading the optimizer too is refused in
+# one line.
 LAYOUTS = {
-    "ep2": ({"expert_model_parallel_size": 2}, False),
-    "ep2_dedup": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "rexmoe_dedup"}, False),
+    "ep2": ({"expert_model_parallel_size": 2}, True),
+    "ep2_dedup": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "rexmoe_dedup"}, True),
     "ep2_distopt": ({"expert_model_parallel_size": 2, "use_distributed_optimizer": True}, False),
-    "ep2_allgather": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "allgather"}, False),
+    "ep2_allgather": ({"expert_model_parallel_size": 2, "moe_token_dispatcher_type": "allgather"}, True),
     "tp2_sp": ({"tensor_model_parallel_size": 2}, True),  # vocab padded to 384 as at tp=1 (see below)
-    "tp2_ep2_sp": ({"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2}, False),
+    "tp2_ep2_sp": ({"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2}, True),
     "pp2": ({"pipeline_model_parallel_size": 2}, True),
+    # 4 model chunks of 2 layers, one r=2 group each (needs the 8-layer reference)
+    "pp2_vpp2": ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, True),
+    # uneven stages on group boundaries: 1 group on the first stage, 3 on the last (8-layer reference)
+    "pp2_uneven": ({"pipeline_model_parallel_size": 2, "num_layers_in_first_pipeline_stage": 2,
+                    "num_layers_in_last_pipeline_stage": 6}, True),
 }
+EIGHT_LAYER_LAYOUTS = ("pp2_vpp2", "pp2_uneven")
+
+# 1-process reference -> its CLI overrides (on top of _reference.COMMON). The TINY PSR ramp (step 1 ->
+# 6) puts steps 4 and 5 mid-ramp: N_t = 12, 14 of 16 candidates at r=2 and 22, 27 of 32 at r=4.
+# r=2 on 4 layers splits at pp=2 on a group boundary; r=4 is one group of 4 layers, which pp=2
+# cannot split, so it covers the ep/tp layouts; pp=2 with interleaving needs 2*2 chunks of whole
+# groups: 8 layers at r=2 (and 2 eval micro-batches, as the interleaved schedule needs >= pp).
+REFERENCES = {
+    "r2": ["rexmoe.reuse_group_size=2"],
+    "r4": ["rexmoe.reuse_group_size=4"],
+    "r2_8layers": ["rexmoe.reuse_group_size=2", "model.num_layers=8", "train.eval_iters=2"],
+}
+CASES = ([("r2", layout) for layout in LAYOUTS if layout not in EIGHT_LAYER_LAYOUTS]
+         + [("r4", layout) for layout in LAYOUTS if not layout.startswith("pp")]
+         + [("r2_8layers", layout) for layout in EIGHT_LAYER_LAYOUTS])
 
 
 @pytest.fixture(scope="module")
-def one_process_checkpoint():
-    """Rank 0 runs the real CLI as ONE process (r=2 so that pp=2 splits on a group boundary; balance
-    losses off: they are per-rank by design): 5 steps, a checkpoint at step 3."""
+def one_process_references():
+    """reference name -> its 1-process runs, each computed on first use and kept for the module.
+
+    Rank 0 runs the real CLI as ONE process: 5 steps with a checkpoint at step 3, and (when a layout
+    of this reference cannot load the optimizer state) the same resumed from step 3 with a fresh Adam
+    state (tests/dist/_reference.py). Not an indirectly parametrized module fixture: pytest sets that
+    up again for every test whose parameter set differs (here: every layout)."""
     from rexmoe_train import platform
 
     platform.setup()
     from rexmoe_train.parallel.state import init_distributed
-    from rexmoe_train.training import checkpoint
-    from tests.training.test_checkpoint import cli, finish, losses
-
-    def grad_norms(run_dir):
-        import json
-
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["grad_norm"] for r in records if r.get("grad_norm") is not None}
 
     init_distributed()
-    base = _shared_dir()
-    result = [None]
-    if dist.get_rank() == 0:
-        rc, out, err = finish(cli("train.train_iters=5", "checkpoint.save_interval=3",
-                                  "rexmoe.reuse_group_size=2", "rexmoe.balance.layer_aux_coeff=0",
-                                  "rexmoe.balance.z_loss_coeff=0", "model.make_vocab_size_divisible_by=128",
-                                  f"run.dir={base / 'one'}",
-                                  log=base / "logs" / "one"))
-        result = [(rc, err[-3000:], losses(base / "one"), grad_norms(base / "one"))]
-    dist.broadcast_object_list(result, src=0)
-    rc, err, ref, ref_norms = result[0]
-    assert rc == 0, err
-    yield base, base / "one" / "checkpoints" / checkpoint.iter_name(3), ref, ref_norms
-    _remove_shared_dir(base)
+    base = _reference.shared_dir()
+    cache: dict = {}
+
+    def get(name: str) -> tuple:
+        if name not in cache:  # every rank asks for the same names in the same order
+            fresh_adam = any(not LAYOUTS[layout][1] for ref, layout in CASES if ref == name)
+            cache[name] = (base / name, _reference.one_process_reference(
+                base / name, REFERENCES[name], fresh_adam=fresh_adam))
+        return cache[name]
+
+    yield get
+    _reference.remove_shared_dir(base)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_reshard_one_process_checkpoint(megatron_world, one_process_checkpoint, layout):
+@pytest.mark.parametrize("reference,layout", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in CASES])
+def test_reshard_one_process_checkpoint(megatron_world, one_process_references, reference, layout):
+    """Same weights and data -> the same step-4 loss and grad norm in every layout; step 5 (after one
+    update) against the straight run where the optimizer state was loaded, else against the
+    1-process run that resumed with a fresh Adam state too. All with PSR masking active."""
     from omegaconf import OmegaConf
 
     from rexmoe_train.config.schema import experiment_from_dict
 
-    base, ckpt, ref, ref_norms = one_process_checkpoint
+    base, ref = one_process_references(reference)
+    ckpt = ref["ckpt"]
     cfg = experiment_from_dict(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")))
     overrides, with_optimizer = LAYOUTS[layout]
     for key, value in overrides.items():
@@ -147,15 +155,27 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_checkpoint, 
         cfg.checkpoint.load_optimizer = False
     trainer = _trainer(cfg)
     assert trainer.step == 3
+    assert len(trainer.chunks) == (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
+    if layout == "pp2_uneven":
+        assert len(trainer.model.chunks[0].decoder.layers) == (2, 6)[dist.get_rank()]
     history = trainer.run()
-    got = _losses(history)
-    assert sorted(got) == [4, 5]
-    # same weights and data -> the same gradient: the global grad norm of step 4 agrees in every layout
-    norm = next(r["grad_norm"] for r in history if r["step"] == 4)
-    assert abs(norm - ref_norms[4]) / ref_norms[4] <= 1e-5, (layout, norm, ref_norms[4])
-    # 4: the model state; 5: the optimizer state after one more update (when it was loaded)
-    for step in (4, 5) if with_optimizer else (4,):
-        rel = abs(got[step] - ref[step]) / abs(ref[step])
-        print(f"[reshard] 1 process -> {layout}: step {step} lm_loss {got[step]:.7f} vs {ref[step]:.7f}, "
-              f"rel err {rel:.1e}")
-        assert rel <= 1e-5, (layout, step, got[step], ref[step], rel)
+    got = _reference.summary({r["step"]: r for r in history if "lm_loss" in r})
+    assert sorted(got["lm_loss"]) == [4, 5]
+    _reference.check_mid_ramp(got["psr_candidates"], cfg.model.num_moe_experts, cfg.rexmoe.reuse_group_size)
+    assert all(got["psr_candidates"][s] == ref["straight"]["psr_candidates"][s] for s in (4, 5))
+    if ref["fresh"] is not None:  # the resumed 1-process run redoes step 4 exactly
+        assert all(ref["fresh"][k][4] == ref["straight"][k][4] for k in ("lm_loss", "grad_norm")), ref
+    compare(f"{layout} (r={cfg.rexmoe.reuse_group_size}, {cfg.model.num_layers} layers)", got,
+            {4: ref["straight"], 5: ref["straight"] if with_optimizer else ref["fresh"]})
+    _reference.assert_replicas_equal(trainer)
+
+
+def compare(layout: str, got: dict, want: dict) -> None:
+    """lm_loss and grad_norm of each step in `want` (step -> reference summary) within 1e-5."""
+    for step, summary in sorted(want.items()):
+        for key in ("lm_loss", "grad_norm"):
+            rel = _reference.rel_err(got[key][step], summary[key][step])
+            if dist.get_rank() == 0:
+                print(f"[reshard] 1 process -> {layout}: step {step} {key} {got[key][step]:.7f} vs "
+                      f"{summary[key][step]:.7f}, rel err {rel:.1e}")
+            assert rel <= 1e-5, (layout, step, key, got[key][step], summary[key][step], rel)

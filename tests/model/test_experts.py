@@ -75,6 +75,10 @@ def test_parameter_counts_expert_same_as_vanilla_router_r_times(layout):
             "params": len({id(p) for _, p in named}),
         }
     assert counts[4]["experts"] == counts[1]["experts"] > 0
+    # expert weights reduce over the expert-data-parallel group even at ep=1 (megatron would mark
+    # them allreduce=True there: wrong at tp>1 with expert_tensor_parallel_size=1)
+    assert all(p.allreduce is False for n, p in named if n.startswith("expert_banks."))
+    assert all(getattr(p, "allreduce", True) for n, p in named if not n.startswith("expert_banks."))
     assert counts[4]["routers"] == 4 * counts[1]["routers"]
     assert counts[4]["other"] == counts[1]["other"]
     h, n, layers = 64, 8, 4

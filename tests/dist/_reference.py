@@ -1,0 +1,112 @@
+"""The 1-process reference runs that tests/dist and tests/dist4 compare their layouts against.
+
+Not a test module (no test_ prefix): imported as tests.dist._reference by both launches.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch.distributed as dist
+
+# What every reference run shares (on top of tests/training/test_checkpoint.py::TINY, which sets the
+# tiny model and the PSR ramp rexmoe.psr.start_step=1 -> end_step=6): balance losses off (they are
+# per-rank by design, so they would differ across layouts), the vocab padded to 384 rows both at tp=1
+# and (with make_vocab_size_divisible_by=64) at tp=2, 5 steps with a checkpoint at step 3.
+COMMON = ["train.train_iters=5", "checkpoint.save_interval=3", "rexmoe.balance.layer_aux_coeff=0",
+          "rexmoe.balance.z_loss_coeff=0", "model.make_vocab_size_divisible_by=128"]
+RAMP = (1, 6)  # rexmoe.psr.start_step / end_step of TINY: steps 4 and 5 are mid-ramp
+COMPARED_STEPS = (4, 5)
+
+
+def shared_dir() -> Path:
+    box = [tempfile.mkdtemp(prefix="rexmoe-ckpt-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def remove_shared_dir(base: Path) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl: step -> the training record (the one with lm_loss)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "lm_loss" in r}
+
+
+def summary(recs: dict[int, dict]) -> dict:
+    return {"lm_loss": {s: r["lm_loss"] for s, r in recs.items()},
+            "grad_norm": {s: r["grad_norm"] for s, r in recs.items()},
+            "psr_candidates": {s: r["psr_candidates"] for s, r in recs.items()}}
+
+
+def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = True) -> dict:
+    """Rank 0 runs the real CLI as ONE process (other ranks wait): 5 steps, a checkpoint at step 3.
+    With fresh_adam, a second 1-process run resumes from that checkpoint with
+    checkpoint.load_optimizer=false (model + LR schedule + step, new Adam state) to step 5: the
+    reference for step 5 of layouts that cannot load the optimizer state (ep > 1).
+
+    Every rank gets {"ckpt", "straight": summary, "fresh": summary or None}."""
+    from rexmoe_train.training import checkpoint
+    from tests.training.test_checkpoint import cli, finish
+
+    ckpt = base / "one" / "checkpoints" / checkpoint.iter_name(3)
+    result: list = [None]
+    if dist.get_rank() == 0:
+        rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'one'}", log=base / "logs" / "one"))
+        result = [{"error": err[-3000:]} if rc else
+                  {"ckpt": ckpt, "straight": summary(records(base / "one")), "fresh": None}]
+        if not rc and fresh_adam:
+            rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'fresh'}", f"checkpoint.load={ckpt}",
+                                    "checkpoint.load_optimizer=false", log=base / "logs" / "fresh"))
+            if rc:
+                result = [{"error": err[-3000:]}]
+            else:
+                result[0]["fresh"] = summary(records(base / "fresh"))
+    dist.broadcast_object_list(result, src=0)
+    ref = result[0]
+    assert "error" not in ref, ref["error"]
+    return ref
+
+
+def rel_err(got: float, want: float) -> float:
+    return abs(got - want) / abs(want)
+
+
+def check_mid_ramp(candidates: dict[int, int], experts: int, r: int) -> None:
+    """PSR masking is active at the compared steps: N < N_t < r*N."""
+    for step in COMPARED_STEPS:
+        assert experts < candidates[step] < r * experts, (step, candidates[step], experts, r)
+
+
+def assert_replicas_equal(trainer) -> None:
+    """Every replica of a parameter holds the same values after training: dense parameters across
+    the data-parallel group, expert parameters across the expert-data-parallel group (e.g. the two
+    tensor-parallel ranks at tp=2 with expert_tensor_parallel_size=1 and ep=1)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    groups = {"dense": ps.get_data_parallel_group(with_context_parallel=True),
+              "expert": ps.get_expert_data_parallel_group()}
+    for kind, group in groups.items():
+        size = dist.get_world_size(group)
+        if size == 1:
+            continue
+        names, sums = [], []
+        for i, chunk in enumerate(trainer.model.chunks):
+            for name, p in chunk.named_parameters():
+                if ("expert_banks" in name) == (kind == "expert"):
+                    names.append(f"{i}.{name}")
+                    sums.append(torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]))
+        local = torch.stack(sums)
+        gathered = [torch.zeros_like(local) for _ in range(size)]
+        dist.all_gather(gathered, local, group=group)
+        differ = [n for j, n in enumerate(names) if any(not torch.equal(g[j], gathered[0][j]) for g in gathered)]
+        assert not differ, f"{kind} replicas differ across ranks {dist.get_process_group_ranks(group)}: " \
+                           f"{len(differ)} params, e.g. {differ[:3]}"
