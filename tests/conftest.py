@@ -53,10 +53,14 @@ def megatron_world():
     platform.setup()
     from rexmoe_train.parallel.state import init_distributed
 
+    from rexmoe_train.parallel.state import destroy_model_parallel_groups
+
     init_distributed()
     platform.reset_megatron_global_state()
+    destroy_model_parallel_groups()  # the last test's groups: their gloo threads would pile up
     yield
     platform.reset_megatron_global_state()
+    destroy_model_parallel_groups()
 
 
 @pytest.fixture

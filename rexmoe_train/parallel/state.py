@@ -55,5 +55,27 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def destroy_model_parallel_groups() -> None:
+    """Drop megatron's groups AND destroy them, keeping only the default group.
+
+    megatron's destroy_model_parallel only forgets its references; torch keeps every group alive
+    (and each gloo group keeps its own I/O threads polling) until it is destroyed. A process that
+    builds many layouts in turn (the test suite: ~40 groups per layout) otherwise accumulates
+    thousands of threads that eat the CPU. Only call it when no model built on the old groups will
+    run again."""
+    from torch.distributed import distributed_c10d
+
+    parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank is done with the old groups before any rank tears its end down
+    world = dist.group.WORLD
+    # the registry of live groups is private; without it there is nothing to release, not an error
+    for group in list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", {})):
+        if group is not world:
+            dist.destroy_process_group(group)
+
+
 def data_parallel_rank_and_size() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
