@@ -77,14 +77,15 @@ def router_load(cfg, routers: list, step: int) -> dict:
     which `rexmoe-plot` draws as heatmaps."""
     plan = ReusePlan.from_config(cfg)
     width = plan.reuse_group_size * plan.experts_per_layer
-    load = torch.zeros(plan.num_moe_layers, width, dtype=torch.float64, device=platform.device())
-    routed = torch.zeros(plan.num_moe_layers, dtype=torch.float64, device=platform.device())
+    # one all-reduce: the per-candidate loads, plus a last column of assignments chosen before any
+    # capacity drop
+    totals = torch.zeros(plan.num_moe_layers, width + 1, dtype=torch.float64, device=platform.device())
     for router in routers:
-        load[router.moe_layer, : router.step_load.numel()] = router.step_load
-        routed[router.moe_layer] = router.step_routed
-    dist.all_reduce(load)
-    dist.all_reduce(routed)
-    load, routed = load.cpu(), routed.cpu()
+        totals[router.moe_layer, : router.step_load.numel()] = router.step_load
+        totals[router.moe_layer, width] = router.step_routed
+    dist.all_reduce(totals)
+    totals = totals.cpu()
+    load, routed = totals[:, :width], totals[:, width]
     psr, n = cfg.rexmoe.psr, plan.experts_per_layer
     layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
     max_share = []
