@@ -306,10 +306,9 @@ def validate_for_load(cfg, ckpt: Path, vocab_size: int, world_size: int,
     if cfg.checkpoint.load_optimizer and optimizer_chain is not None and saved_chain != optimizer_chain:
         raise CheckpointError(
             f"checkpoint error: {ckpt}: optimizer state saved by {saved_chain} chained optimizer(s) "
-            f"(expert_model_parallel_size={meta['parallel']['expert_model_parallel_size']}) cannot be "
-            f"loaded into {optimizer_chain} (expert_model_parallel_size="
-            f"{cfg.parallel.expert_model_parallel_size}); set checkpoint.load_optimizer=false to load "
-            "the model, LR schedule and step only")
+            f"cannot be loaded into {optimizer_chain} (the experts have their own optimizer at every "
+            "expert_model_parallel_size; ep=1 checkpoints written before that hold 1); set "
+            "checkpoint.load_optimizer=false to load the model, LR schedule and step only")
     return meta
 
 

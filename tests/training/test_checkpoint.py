@@ -301,6 +301,9 @@ BAD_CHECKPOINTS = [
     ("distributed-optimizer state into a non-distributed optimizer",
      _edit_meta(lambda m: m["parallel"].update(use_distributed_optimizer=True)), {},
      "set checkpoint.load_optimizer=false"),
+    ("optimizer state of an older ep=1 checkpoint (one chained optimizer)",
+     _edit_meta(lambda m: m.update(optimizer_chain=1)), {},
+     "saved by 1 chained optimizer(s) cannot be loaded into 2 "),
 ]
 BAD_LOAD_PATHS = [
     ("load dir does not exist", lambda tmp: tmp / "nope", "no such directory"),
@@ -347,7 +350,8 @@ def test_bad_checkpoint_rejected_before_load(saved_checkpoint, tmp_path, name, b
     before = snapshot(root)
     with pytest.raises(checkpoint.CheckpointError) as err:
         ckpt = checkpoint.locate(cfg)
-        checkpoint.validate_for_load(cfg, ckpt, vocab, 1)
+        # the tiny model's optimizer chain: dense + experts (what the trainer passes in)
+        checkpoint.validate_for_load(cfg, ckpt, vocab, 1, optimizer_chain=2)
     message = str(err.value)
     assert needle in message and "\n" not in message, message
     assert snapshot(root) == before and not (tmp_path / "run").exists()
