@@ -72,11 +72,25 @@ def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = T
     dist.broadcast_object_list(result, src=0)
     ref = result[0]
     assert "error" not in ref, ref["error"]
+    if ref["fresh"] is not None:  # the resumed run redoes step 4 from the same weights: bitwise
+        assert all(ref["fresh"][k][4] == ref["straight"][k][4] for k in ("lm_loss", "grad_norm")), ref
     return ref
 
 
 def rel_err(got: float, want: float) -> float:
     return abs(got - want) / abs(want)
+
+
+def assert_matches(tag: str, got: dict, want: dict) -> None:
+    """lm_loss and grad_norm of each step in `want` (step -> reference summary) within 1e-5 of
+    `got` (a summary); rank 0 prints every comparison under `tag`."""
+    for step, summary in sorted(want.items()):
+        for key in ("lm_loss", "grad_norm"):
+            rel = rel_err(got[key][step], summary[key][step])
+            if dist.get_rank() == 0:
+                print(f"{tag}: step {step} {key} {got[key][step]:.7f} vs {summary[key][step]:.7f}, "
+                      f"rel err {rel:.1e}")
+            assert rel <= 1e-5, (tag, step, key, got[key][step], summary[key][step], rel)
 
 
 def check_mid_ramp(candidates: dict[int, int], experts: int, r: int) -> None:
