@@ -40,6 +40,19 @@ def _pair(cfg):
     return stock, ours
 
 
+def _assert_layers_agree(stock, ours, hidden, weight):
+    """Same output, input gradient and router + expert gradients (atol 1e-6); returns stock's
+    output and gradients."""
+    out_s, dh_s, grads_s = _run(stock, hidden, weight)
+    out_o, dh_o, grads_o = _run(ours, hidden, weight)
+    torch.testing.assert_close(out_o, out_s, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dh_o, dh_s, rtol=0, atol=1e-6)
+    assert len(grads_o) == len(grads_s)
+    for a, b in zip(grads_o, grads_s):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    return out_s, grads_s
+
+
 def _run(layer, hidden, weight):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -51,23 +64,21 @@ def _run(layer, hidden, weight):
     return out.detach(), h.grad, grads
 
 
+def _inputs(cfg, seed: int):
+    """Hidden states [seq 16, batch 3, hidden] and the weights of the scalar the backward starts from."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(16, 3, cfg.model.hidden_size, generator=g),
+            torch.randn(16, 3, cfg.model.hidden_size, generator=g))
+
+
 @pytest.mark.parametrize("gating", ["softmax_then_topk", "topk_then_softmax", "sigmoid"])
 def test_r1_matches_stock_megatron_moe_layer(layout, gating):
     cfg = tiny_config(r=1, layers=2, gating=gating)
     layout(cfg.parallel)
     stock, ours = _pair(cfg)
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
-    weight = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
-    out_s, dh_s, grads_s = _run(stock, hidden, weight)
-    out_o, dh_o, grads_o = _run(ours, hidden, weight)
+    out_s, grads_s = _assert_layers_agree(stock, ours, *_inputs(cfg, seed=0))
     assert out_s.abs().max() > 0
-    torch.testing.assert_close(out_o, out_s, rtol=0, atol=1e-6)
-    torch.testing.assert_close(dh_o, dh_s, rtol=0, atol=1e-6)
-    assert len(grads_o) == len(grads_s)
-    for a, b in zip(grads_o, grads_s):
-        assert b is not None and b.abs().max() > 0
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert all(b is not None and b.abs().max() > 0 for b in grads_s)
 
 
 def test_balance_loss_changes_router_gradient(layout):
@@ -76,9 +87,7 @@ def test_balance_loss_changes_router_gradient(layout):
     layout(cfg.parallel)
     stock, ours = _pair(cfg)
     ours.router.layer_aux_coeff = 0.0
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
-    weight = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
+    hidden, weight = _inputs(cfg, seed=1)
     grads_s = _run(stock, hidden, weight)[2]
     grads_o = _run(ours, hidden, weight)[2]
     assert (grads_o[0] - grads_s[0]).abs().max() > 1e-6
@@ -92,15 +101,8 @@ def test_r1_capacity_factor_matches_stock_megatron(layout, policy="probs"):
     cfg.model.moe_expert_capacity_factor, cfg.model.moe_token_drop_policy = 0.5, policy
     layout(cfg.parallel)
     stock, ours = _pair(cfg)
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
-    weight = torch.randn(16, 3, cfg.model.hidden_size, generator=g)
-    out_s, dh_s, grads_s = _run(stock, hidden, weight)
-    out_o, dh_o, grads_o = _run(ours, hidden, weight)
-    torch.testing.assert_close(out_o, out_s, rtol=0, atol=1e-6)
-    torch.testing.assert_close(dh_o, dh_s, rtol=0, atol=1e-6)
-    for a, b in zip(grads_o, grads_s):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    hidden, weight = _inputs(cfg, seed=2)
+    _assert_layers_agree(stock, ours, hidden, weight)
     # and the factor really dropped tokens: 48 tokens * top-2 over 8 experts at 0.5 -> 6 per expert
     ours.train()
     _, routing_map = ours.router(hidden.clone())
