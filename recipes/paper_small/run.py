@@ -94,16 +94,13 @@ def train_command(variant: Variant, args, extra: list[str]) -> list[str]:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    """The run's metrics.jsonl records (torn lines skipped); [] before the run has logged any."""
+    from rexmoe_train.tools.plot import PlotError, load_records
+
+    try:
+        return load_records(run_dir)
+    except PlotError:  # no run dir, no metrics.jsonl or no records yet
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of an interrupted run
-            pass
-    return out
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
