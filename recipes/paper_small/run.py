@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -160,6 +161,7 @@ def summarise(variant: Variant, run_dir: Path, ev: dict, vanilla_routers: int | 
     maxvio = router["load_violation_max"]
     under = router["under_used_fraction"]
     routers = int(model["parameters_routers"])
+    times = [r["step_time_s"] for r in records if r.get("step_time_s")]
     return {
         "name": variant.name,
         "label": variant.label,
@@ -183,7 +185,9 @@ def summarise(variant: Variant, run_dir: Path, ev: dict, vanilla_routers: int | 
         "router_overhead_pct": (None if vanilla_routers is None
                                 else 100.0 * (routers - vanilla_routers) / int(model["parameters_total"])),
         "val_curve": curve,
-        "train_seconds": sum(r.get("step_time_s", 0.0) for r in records),
+        # metrics.jsonl times only the logged steps (every train.log_interval): their median, not a
+        # sum, which would count one step in log_interval
+        "step_time_s_median": statistics.median(times) if times else None,
     }
 
 
