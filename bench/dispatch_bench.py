@@ -23,9 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from rexmoe_train import platform
+from rexmoe_train import compat, platform
 
-platform.setup()
+compat.install()
 
 from rexmoe_train.config.schema import ExperimentConfig, ParallelConfig  # noqa: E402
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
@@ -191,7 +191,7 @@ def bench_step(args) -> dict:
     cases = [("megatron MoE (stock)", 1, "alltoall", True), ("ours r=1", 1, "alltoall", False),
              ("ours r=1", 1, "rexmoe_dedup", False), ("ours r=4", 4, "alltoall", False),
              ("ours r=4", 4, "rexmoe_dedup", False)]
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     init_model_parallel(_step_config(1, "alltoall", args).parallel, 1234)  # one layout for all
     models = []
     for _, r, dispatcher, stock in cases:

@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rexmoe_train import platform
+from rexmoe_train import compat, platform
 
-platform.setup()  # before megatron: it binds torch.cuda names at import
+compat.install()  # before megatron: it binds torch.cuda names at import
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402

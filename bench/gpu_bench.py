@@ -23,12 +23,12 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIGS = {"0.5b": "configs/model/rexmoe_0.5b.yaml", "2.3b": "configs/model/rexmoe_2.3b.yaml"}
-from rexmoe_train.tools.flops import PEAK_TFLOPS, Shape, flops_per_token, peak_tflops  # noqa: E402,F401
+from rexmoe_train.core.flops import PEAK_TFLOPS, Shape, flops_per_token, peak_tflops  # noqa: E402,F401
 
 
 def shape_from_config(name: str, layers: Optional[int] = None, vocab: int = 32000) -> Shape:
@@ -65,9 +65,9 @@ def _cuda_time(fn, warmup: int, iters: int) -> list[float]:
 
 
 def _config(shape: Shape, reuse: int, precision: str, dispatcher: str, args):
-    from rexmoe_train.config.schema import ExperimentConfig, from_dict
-
     from omegaconf import OmegaConf
+
+    from rexmoe_train.config.schema import ExperimentConfig, from_dict
 
     model = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, MODEL_CONFIGS[shape.name])).model)
     cfg = ExperimentConfig()
@@ -88,7 +88,7 @@ def bench_model(shape: Shape, reuse: int, precision: str, dispatcher: str, args)
     import torch
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 
-    from rexmoe_train import platform
+    from rexmoe_train import compat, platform
     from rexmoe_train.model.gpt import build_model
 
     cfg = _config(shape, reuse, precision, dispatcher, args)
@@ -116,10 +116,10 @@ def bench_model(shape: Shape, reuse: int, precision: str, dispatcher: str, args)
            "tflops": tflops, "mfu": tflops / peak if peak else None,
            "tflops_incl_lm_head": 3 * (flops["counted"] + flops["lm_head"]) * tokens / median / 1e12,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del model
+    model = None  # drop the last reference (step() closes over it) before emptying the cache
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     return row
 
 
@@ -212,7 +212,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu_bench: no CUDA GPU on this machine; nothing measured (run it on a GPU host)",
               file=sys.stderr)
         return 2
-    platform.setup()
+    from rexmoe_train import compat
+
+    compat.install()
     from rexmoe_train.config.schema import ConfigError
     from rexmoe_train.parallel.state import init_distributed, init_model_parallel
 

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from rexmoe_train import compat
+
 
 def _import_triton_for_the_interpreter() -> None:
     """tests/kernels runs the Triton kernels on CPU through TRITON_INTERPRET=1. triton reads that
@@ -38,6 +40,10 @@ def _import_triton_for_the_interpreter() -> None:
 
 _import_triton_for_the_interpreter()
 
+# Test modules import the megatron-facing packages at module level: the CPU layer goes in first, as
+# the entry points install it.
+compat.install()
+
 IN_TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
 
 # tests/dist needs a multi-process world; plain pytest skips collecting it.
@@ -48,18 +54,15 @@ collect_ignore = [] if IN_TORCHRUN else ["dist"]
 def megatron_world():
     """A gloo world (size 1 under plain pytest, the torchrun world under torchrun) with megatron's
     global MoE state reset before and after the test."""
-    from rexmoe_train import platform
 
-    platform.setup()
-    from rexmoe_train.parallel.state import init_distributed
-
-    from rexmoe_train.parallel.state import destroy_model_parallel_groups
+    compat.install()
+    from rexmoe_train.parallel.state import destroy_model_parallel_groups, init_distributed
 
     init_distributed()
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     destroy_model_parallel_groups()  # the last test's groups: their gloo threads would pile up
     yield
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     destroy_model_parallel_groups()
 
 

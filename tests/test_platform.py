@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rexmoe_train import platform
+from rexmoe_train import compat, platform
 
 
 def test_cpu_answers():
@@ -22,8 +22,8 @@ def test_setup_idempotent_and_makes_megatron_cuda_calls_safe(layout):
     from rexmoe_train.config.schema import ParallelConfig
 
     layout(ParallelConfig())
-    platform.setup()
-    platform.setup()
+    compat.install()
+    compat.install()
     if platform.HAS_CUDA:
         return
     # what megatron does all over the place

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -137,7 +136,7 @@ def run_variant(variant: Variant, args, extra: list[str]) -> float:
 def evaluate_variant(variant: Variant, args) -> dict:
     run_dir = args.out / variant.name
     out = run_dir / "eval.json"
-    cmd = [_python(), "-m", "rexmoe_train.tools.evaluate", str(run_dir / "checkpoints"),
+    cmd = [_python(), "-m", "rexmoe_train.cli.eval", str(run_dir / "checkpoints"),
            "--batches", str(args.eval_batches), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:

@@ -142,10 +142,9 @@ def _inspect(args) -> str:
     vocab = int(meta["model"]["model.vocab_size"])
     if args.ep:
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert_model_parallel_size=args.ep))
-    from rexmoe_train.model.reuse import ReusePlan
-    from rexmoe_train.parallel.placement import ExpertPlacement
+    from rexmoe_train.core.placement import ExpertPlacement
 
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     counts = parameter_counts(cfg, vocab)
     group = plan.groups[0]
     placement = ExpertPlacement(group.experts_per_layer, group.size, cfg.parallel.expert_model_parallel_size)
@@ -212,10 +211,12 @@ def main(argv=None) -> int:
     # torch.distributed.checkpoint warns about its own deprecations on every load/save
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parser().parse_args(argv)
+    from rexmoe_train import compat
     from rexmoe_train.config.schema import ConfigError
     from rexmoe_train.convert.hf_format import ConvertError
 
     try:
+        compat.install()  # before the first megatron import
         print(args.run(args), flush=True)
     except (ConvertError, ConfigError) as err:
         print(f"rexmoe-convert {args.command}: {err}", file=sys.stderr)

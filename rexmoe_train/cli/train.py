@@ -64,7 +64,10 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
     if experiment.run.dry_run:
         sys.exit(dry_run(experiment))
-    from rexmoe_train.training.checkpoint import CheckpointError, TrainingHalted, EXIT_HALTED
+    from rexmoe_train import compat
+
+    compat.install()  # the megatron-core CPU layer, before the first megatron import
+    from rexmoe_train.training.checkpoint import EXIT_HALTED, CheckpointError, TrainingHalted
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
     try:

@@ -13,9 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message is one line naming the field and what is allowed."""
+from rexmoe_train.core.errors import ConfigError
+from rexmoe_train.core.reuse import ReusePlan
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -369,7 +368,7 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: Optional[str] = "runs/default"  # rexmoe-train: null derives runs/<model>-r<r>[-<hash>]
     progress: bool = True
     dry_run: bool = False  # validate, print layout / placement / parameter and memory estimates, exit
     # collapse alarm: warn when one expert takes more than this share of a reuse group's assignments
@@ -425,7 +424,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def validate(self, world_size: Optional[int] = None) -> "ExperimentConfig":
+    def validate(self, world_size: Optional[int] = None) -> ExperimentConfig:
         """Check every field and the cross-field rules. ``world_size`` adds the layout checks."""
         self.model.validate()
         self.rexmoe.validate()
@@ -456,9 +455,7 @@ class ExperimentConfig:
             _fail("train.fp8", self.train.fp8,
                   "needs Transformer Engine on a GPU (model.transformer_impl resolves to local here); "
                   "use train.fp8=null")
-        from rexmoe_train.model.reuse import ReusePlan  # local: keeps config import light
-
-        ReusePlan.from_config(self).check_pipeline_split(
+        self.reuse_plan().check_pipeline_split(
             p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
             p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
         )
@@ -491,6 +488,13 @@ class ExperimentConfig:
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel
         return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    def reuse_plan(self) -> ReusePlan:
+        """The model's reuse groups (core/reuse.py)."""
+        m, r = self.model, self.rexmoe
+        return ReusePlan(num_layers=m.num_layers, first_k_dense_layers=m.first_k_dense_layers,
+                         reuse_group_size=r.reuse_group_size, experts_per_layer=m.num_moe_experts,
+                         allow_partial_last_group=r.allow_partial_last_group)
 
     @property
     def psr_seed(self) -> int:

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from rexmoe_train import platform
+from rexmoe_train import compat
 
-platform.setup()  # before megatron: it binds torch.cuda names at import
+compat.require_installed()  # megatron-facing: entry points install the CPU layer first
 
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
@@ -64,7 +64,7 @@ def single_process(cfg: ExperimentConfig, bf16: bool = False) -> ExperimentConfi
 
 def build_single_process(cfg: ExperimentConfig, vocab_size: int) -> ReXMoEModel:
     init_distributed()
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     init_model_parallel(cfg.parallel, cfg.train.seed)
     return build_model(cfg, vocab_size)
 

@@ -34,9 +34,10 @@ casts as loading into that model, so exports are bitwise identical (tests/conver
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -46,7 +47,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from rexmoe_train.config.schema import ExperimentConfig
 from rexmoe_train.convert.hf_format import ConvertError
-from rexmoe_train.model.reuse import ReusePlan
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "expert_banks.")
 BANK_KEY = "expert_banks.experts."
@@ -121,7 +121,7 @@ class DcpReader:
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._buckets: dict[str, dict[int, list[ChunkStorageMetadata]]] = {}
 
-    def _candidates(self, key: str, region: "Region") -> TensorStorageMetadata:
+    def _candidates(self, key: str, region: Region) -> TensorStorageMetadata:
         """The saved chunks that may overlap ``region``: a stacked expert tensor of a large model has
         tens of thousands of chunks, and the overlap search is linear in the chunks it is given."""
         md = self.tensors[key]
@@ -178,7 +178,7 @@ def _layer_keys_maps(cfg: ExperimentConfig) -> list[dict[str, str]]:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         m = cfg.model
-        plan = ReusePlan.from_config(cfg)
+        plan = cfg.reuse_plan()
         maps = []
         for layer_number in range(1, m.num_layers + 1):
             spec = get_gpt_layer_local_spec(
@@ -210,12 +210,12 @@ class StreamedCheckpoint:
     padded vocabulary size (what ``build_single_process`` would give the embedding)."""
 
     def __init__(self, iter_dir: Path, cfg: ExperimentConfig, padded_vocab: int) -> None:
-        from rexmoe_train.parallel.placement import ExpertPlacement
+        from rexmoe_train.core.placement import ExpertPlacement
 
         self.cfg = cfg
         self.padded_vocab = padded_vocab
         self.reader = DcpReader(iter_dir)
-        self.plan = ReusePlan.from_config(cfg)
+        self.plan = cfg.reuse_plan()
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         m = cfg.model
         maps = _layer_keys_maps(cfg)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -28,7 +29,6 @@ from rexmoe_train.convert.hf_format import (
     hf_layer_tensors,
     hf_outer_tensors,
 )
-from rexmoe_train.model.reuse import ReusePlan
 
 EXPORT_META = "rexmoe_export.json"
 
@@ -132,7 +132,7 @@ def _compact_shards(cfg: ExperimentConfig, keys: Iterable[str]) -> list[tuple[st
     """(label, keys) of the compact export's shards: embeddings + final norm + head, each decoder
     layer, then each reuse group's experts split by owner MoE layer (N experts a shard), so a shard
     stays about one layer's worth of tensors however large r makes a bank."""
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     n = cfg.model.num_moe_experts
     labels = ["embeddings+head"] + [f"layer {i}" for i in range(cfg.model.num_layers)]
     for group in plan.groups:
@@ -161,7 +161,7 @@ def export_hf(cfg: ExperimentConfig, state, vocab_size: int, out: Path, *,
     a later import-hf needs to give the training checkpoint the same signature."""
     check_exportable(cfg)
     config = hf_config(cfg, vocab_size)
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     src = as_source(state)
 
     def shards():

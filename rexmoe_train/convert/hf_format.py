@@ -19,12 +19,11 @@ Sigmoid gating has no Qwen equivalent: export refuses it rather than export some
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from rexmoe_train.config.schema import ExperimentConfig
-from rexmoe_train.model.reuse import ReusePlan
 
 
 class ConvertError(ValueError):
@@ -52,7 +51,7 @@ def hf_architecture(cfg: ExperimentConfig) -> str:
 def hf_config(cfg: ExperimentConfig, vocab_size: int) -> dict:
     """config.json of the unrolled Qwen2-MoE (Qwen3-MoE with QK-norm) model. ``vocab_size`` is the
     padded embedding size."""
-    m, plan = cfg.model, ReusePlan.from_config(cfg)
+    m, plan = cfg.model, cfg.reuse_plan()
     sizes = {g.num_candidates for g in plan.groups}
     if len(sizes) != 1:
         raise ConvertError("export-hf: a partial last reuse group gives layers different expert counts, "

@@ -15,14 +15,13 @@ import torch
 
 from rexmoe_train.config.schema import ExperimentConfig
 from rexmoe_train.convert.hf_format import ConvertError, merge_qkv
-from rexmoe_train.model.reuse import ReusePlan
 
 
 def from_hf_unrolled(cfg: ExperimentConfig, hf: dict[str, torch.Tensor], *,
                      stock: bool = False) -> dict[str, torch.Tensor]:
     """Our (1-process) state dict from Qwen-MoE tensor names. ``stock``: the folder is a stock
     transformers checkpoint (not an export of ours): errors say so instead of "not a ReXMoE export"."""
-    m, plan = cfg.model, ReusePlan.from_config(cfg)
+    m, plan = cfg.model, cfg.reuse_plan()
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     head_dim = m.head_dim
 
@@ -101,7 +100,7 @@ def upcycle(vanilla_cfg: ExperimentConfig, state: dict[str, torch.Tensor],
             target: ExperimentConfig) -> dict[str, torch.Tensor]:
     """Each group's bank = its layers' vanilla experts (each once); router rows for another owner's
     experts start as that owner's router rows ("route as the owner would"), masked until PSR opens."""
-    old_plan, new_plan = ReusePlan.from_config(vanilla_cfg), ReusePlan.from_config(target)
+    old_plan, new_plan = vanilla_cfg.reuse_plan(), target.reuse_plan()
     n = target.model.num_moe_experts
     out = {k: v for k, v in state.items() if not k.startswith("expert_banks.") and ".router." not in k}
     for group in new_plan.groups:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 __all__ = [
     "CorpusDocument",
@@ -114,7 +114,7 @@ def corpus_fingerprint(docs: Sequence[CorpusDocument]) -> str:
 
 def _split_hash(seed: int, name: str) -> int:
     """Stable 256-bit hash of a document name (never Python's salted ``hash``)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode("utf-8")).digest(), "big")
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest(), "big")
 
 
 def split_documents(

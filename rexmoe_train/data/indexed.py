@@ -25,14 +25,15 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from rexmoe_train import platform
+from rexmoe_train.compat import require_installed
 
-platform.setup()  # before megatron: it binds torch.cuda names at import
+require_installed()  # megatron-facing: entry points install the CPU layer first
 
 from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: E402
     BlendedMegatronDatasetBuilder,
@@ -47,8 +48,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
 
 from rexmoe_train.config.schema import ConfigError, DataConfig  # noqa: E402
 
-from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError  # noqa: E402
-from .text_tokenizer import load_tokenizer, tokenizer_metadata  # noqa: E402
+from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError, load_tokenizer, tokenizer_metadata  # noqa: E402  # noqa: E402
 
 __all__ = ["RexTokenizer", "IndexedSamples", "build_indexed_datasets", "check_prefix"]
 

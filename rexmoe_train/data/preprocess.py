@@ -15,7 +15,6 @@ vocab size, eod id, sha256 of the tokenizer.json) and the sizes; training checks
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import multiprocessing
@@ -24,15 +23,23 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from .text_tokenizer import BYTE, TextTokenizer, TokenizerLoadError, encode_texts, load_tokenizer
-from .text_tokenizer import token_dtype, tokenizer_metadata
+from .text_tokenizer import (
+    BYTE,
+    TextTokenizer,
+    TokenizerLoadError,
+    encode_texts,
+    load_tokenizer,
+    token_dtype,
+    tokenizer_metadata,
+)
 
-__all__ = ["PreprocessError", "preprocess", "main", "JSONL_SUFFIXES"]
+__all__ = ["PreprocessError", "preprocess", "JSONL_SUFFIXES"]
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 SIDECAR_FORMAT = "rexmoe-indexed-v1"
@@ -266,9 +273,9 @@ def preprocess(
             results = map(_tokenize_chunk, chunks)
 
         # megatron after the pool is forked (its import is heavy and may start threads)
-        from rexmoe_train import platform
+        from rexmoe_train import compat
 
-        platform.setup()
+        compat.install()
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
@@ -319,64 +326,3 @@ def preprocess(
             pool.terminate()
             pool.join()
     return meta
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rexmoe-preprocess",
-                description="Tokenize jsonl / text files into a megatron-core indexed dataset "
-                            "(<prefix>.bin, <prefix>.idx) plus <prefix>.json (tokenizer, sizes).")
-    p.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
-                   help="jsonl files (.jsonl/.json/.ndjson, optionally .gz): one document per line; "
-                        "any other file: one document per file")
-    p.add_argument("--output-prefix", "-o", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    p.add_argument("--tokenizer", "-t", default=BYTE, metavar="byte|TOKENIZER_JSON",
-                   help="'byte' (UTF-8 bytes, eod 256) or a Hugging Face tokenizer.json (default: byte)")
-    p.add_argument("--json-key", default="text", help="the jsonl field holding the text (default: text)")
-    p.add_argument("--eod-token", default=None,
-                   help="end-of-document token of a tokenizer.json (default: the first of "
-                        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, ... it defines)")
-    p.add_argument("--workers", "-j", type=int, default=min(8, os.cpu_count() or 1),
-                   help="tokenizer processes (default: min(8, CPUs))")
-    p.add_argument("--chunk-lines", type=int, default=512, help="jsonl lines per work item (default: 512)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx/.json")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    prog = "rexmoe-preprocess"
-    if args.chunk_lines < 1:
-        print(f"{prog}: error: --chunk-lines must be >= 1, got {args.chunk_lines}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        meta = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
-                          eod_token=args.eod_token, workers=args.workers, chunk_lines=args.chunk_lines,
-                          overwrite=args.overwrite, progress=args.progress)
-    except PreprocessError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
-        return 130
-    print(f"[preprocess] {meta['documents']} documents, {meta['tokens']} tokens "
-          f"({meta['tokenizer_name']}, vocab {meta['vocab_size']}, eod {meta['eod']}) in "
-          f"{meta['seconds']:.1f} s -> {args.output_prefix}.bin/.idx/.json", flush=True)
-    return 0
-
-
-def _console() -> None:  # the console script: exit status from main()
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    _console()

@@ -8,7 +8,7 @@ bytes need no training, round-trip any text exactly, and give a tiny vocabulary
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Fused router: logits [T, C] -> softmax -> PSR mask on the scores -> top-k, in one pass.
 
-Exactly ``gate(logits, k, "softmax_then_topk", allowed, "scores")`` (model/gating.py, the paper's
+Exactly ``gate(logits, k, "softmax_then_topk", allowed, "scores")`` (core/gating.py, the paper's
 gate): fp32 softmax over all C = r*N candidates, rounded to the logits dtype (gating.py's
 ``.type_as``), masked candidates' scores set to 0 (no renormalisation), then top-k. Why fuse: the
 unfused path writes and re-reads several [T, C] tensors (softmax, masked copy, topk workspace, dense
@@ -30,8 +30,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from rexmoe_train.core.gating import gate
 from rexmoe_train.kernels._triton import empty, jit, next_pow2, tl, triton, use_triton
-from rexmoe_train.model.gating import gate
 
 __all__ = ["RouterOutput", "fused_router", "fused_router_reference"]
 

@@ -21,10 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func  # noqa: E402
 

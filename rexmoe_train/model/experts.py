@@ -17,13 +17,9 @@ the bank from the experts module of the layer spec.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -37,8 +33,8 @@ try:  # the TE bank's base class; megatron defines it without TE, guard anyway (
 except ImportError:  # pragma: no cover - depends on the megatron build
     TEGroupedMLP = None
 
-from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
-from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
+from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
+from rexmoe_train.core.reuse import ReuseGroup  # noqa: E402
 
 
 class _GroupSlots:

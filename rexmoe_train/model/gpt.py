@@ -14,10 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
@@ -26,11 +22,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
 
+from rexmoe_train import platform
 from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
+from rexmoe_train.core.psr import PSRState  # noqa: E402
 from rexmoe_train.model.experts import ExpertBanks  # noqa: E402
 from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer  # noqa: E402
-from rexmoe_train.model.psr import PSRState  # noqa: E402
-from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -188,7 +184,7 @@ def final_layer_norm(cfg: ExperimentConfig, specs: list[ModuleSpec]):
 def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRState] = None) -> ReXMoEModel:
     """Build this rank's model chunks. parallel_state must be initialised."""
     tc = transformer_config(cfg)
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     psr_state = psr_state or PSRState(cfg.psr_seed)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,

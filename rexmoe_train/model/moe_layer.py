@@ -13,21 +13,17 @@ import logging
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection  # noqa: E402
 
 from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
+from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
+from rexmoe_train.core.psr import PSRState  # noqa: E402
+from rexmoe_train.core.reuse import ReusePlan  # noqa: E402
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts  # noqa: E402
 from rexmoe_train.model.experts import ExpertBanks, bank_class  # noqa: E402
-from rexmoe_train.model.psr import PSRState  # noqa: E402
-from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 from rexmoe_train.model.router import ReXMoERouter  # noqa: E402
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, DedupAllToAllDispatcher  # noqa: E402
-from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
 class _KnownMLPType(logging.Filter):

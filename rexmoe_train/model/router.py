@@ -11,22 +11,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, get_capacity  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
 from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
+from rexmoe_train.core.gating import gate  # noqa: E402
+from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
+from rexmoe_train.core.psr import PSRSchedule, PSRState  # noqa: E402
+from rexmoe_train.core.reuse import ReuseGroup  # noqa: E402
 from rexmoe_train.kernels._triton import use_triton  # noqa: E402
 from rexmoe_train.kernels.fused_router import fused_router  # noqa: E402
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss  # noqa: E402
-from rexmoe_train.model.gating import gate  # noqa: E402
-from rexmoe_train.model.psr import PSRSchedule, PSRState  # noqa: E402
-from rexmoe_train.model.reuse import ReuseGroup  # noqa: E402
-from rexmoe_train.parallel.placement import ExpertPlacement  # noqa: E402
 
 
 class ReXMoERouter(TopKRouter):

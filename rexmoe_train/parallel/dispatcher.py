@@ -46,13 +46,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core.tensor_parallel import all_to_all  # noqa: E402
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher  # noqa: E402
 
+from rexmoe_train import platform
 from rexmoe_train.kernels.dedup_permute import DedupPermuted, dedup_permute, dedup_unpermute  # noqa: E402
 
 #: the parallel.moe_token_dispatcher_type value that selects this dispatcher

@@ -12,8 +12,8 @@ import math
 from typing import Optional
 
 from rexmoe_train.config.schema import ExperimentConfig
-from rexmoe_train.model.reuse import ReusePlan, pipeline_chunks
-from rexmoe_train.parallel.placement import ExpertPlacement
+from rexmoe_train.core.placement import ExpertPlacement
+from rexmoe_train.core.reuse import pipeline_chunks
 
 
 def padded_vocab(cfg: ExperimentConfig, vocab_size: int) -> int:
@@ -23,7 +23,7 @@ def padded_vocab(cfg: ExperimentConfig, vocab_size: int) -> int:
 
 def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> dict[str, int]:
     """Counts for the local-spec model this project builds (SwiGLU MLPs, RMSNorm, no biases)."""
-    m, plan = cfg.model, ReusePlan.from_config(cfg)
+    m, plan = cfg.model, cfg.reuse_plan()
     h, heads = m.hidden_size, m.num_attention_heads
     head_dim = m.head_dim  # model.kv_channels, else hidden / heads
     groups = m.num_query_groups or heads
@@ -90,7 +90,7 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
              bf16: bool = True, max_placement_rows: int = 16) -> str:
     world = world_size or minimal_world_size(cfg)
     cfg.validate(world)
-    p, m, plan = cfg.parallel, cfg.model, ReusePlan.from_config(cfg)
+    p, m, plan = cfg.parallel, cfg.model, cfg.reuse_plan()
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     chunks = pipeline_chunks(m.num_layers, pp, p.virtual_pipeline_model_parallel_size,
                              p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage)

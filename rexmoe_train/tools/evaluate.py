@@ -17,10 +17,7 @@ with status 2 and one line saying why.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 
 PROG = "rexmoe-eval"
@@ -127,9 +124,8 @@ def evaluate(args) -> dict:
         router.step_load.copy_(loads[id(router)].to(router.step_load.device))
     stats = router_load(cfg, routers, psr_step)
     stats.pop("expert_load", None)
-    from rexmoe_train.model.reuse import ReusePlan
 
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     by_layer = {r.moe_layer: loads[id(r)] for r in routers}
     stats["expert_load"] = [[by_layer[layer].long().tolist() for layer in group.moe_layers]
                             for group in plan.groups]
@@ -168,61 +164,6 @@ def summary(result: dict) -> str:
     ])
 
 
-def _positive(name: str, value) -> None:
+def positive(name: str, value) -> None:
     if value is not None and value < 1:
         raise EvalError(f"{name} must be >= 1, got {value}")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the usage too: keep bad inputs to one line
-        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="checkpoint directory (or one iter_* directory)")
-    p.add_argument("--data-source", choices=("embedded", "indexed"), help="default: the checkpoint's")
-    p.add_argument("--blend", nargs="+", metavar="W_OR_PREFIX",
-                   help="indexed datasets: PREFIX ... or W1 PREFIX1 W2 PREFIX2 ... (default: the checkpoint's)")
-    p.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the checkpoint's data.tokenizer)")
-    p.add_argument("--batches", type=int, help="validation micro-batches (default: what the trainer evaluates)")
-    p.add_argument("--micro-batch-size", type=int, help="windows per batch (default: train.micro_batch_size)")
-    p.add_argument("--psr-step", choices=("checkpoint", "full"), default="checkpoint",
-                   help="PSR mask of the checkpoint's step (default) or all r*N candidates")
-    p.add_argument("--out", help="write the JSON here (default: print the summary only)")
-    return p
-
-
-def main(argv=None) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint's own
-    args = parser().parse_args(argv)
-    try:
-        # cheap checks first: no torch / megatron import for these
-        _positive("--batches", args.batches)
-        _positive("--micro-batch-size", args.micro_batch_size)
-        if not Path(args.checkpoint).exists():
-            raise EvalError(f"{args.checkpoint}: no such checkpoint directory")
-        if args.out and not Path(args.out).resolve().parent.is_dir():
-            raise EvalError(f"--out {args.out}: no such directory")
-        from rexmoe_train.config.schema import ConfigError
-        from rexmoe_train.convert.hf_format import ConvertError
-
-        try:
-            result = evaluate(args)
-        except (ConvertError, ConfigError) as err:
-            raise EvalError(str(err)) from None
-    except EvalError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result), flush=True)
-    if args.out:
-        print(f"  -> {args.out}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

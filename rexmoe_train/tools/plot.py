@@ -15,13 +15,11 @@ records is one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-__all__ = ["load_records", "plot_run", "main", "PlotError"]
+__all__ = ["load_records", "plot_run", "PlotError"]
 
 EXIT_USAGE = 2
 
@@ -175,26 +173,3 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     if not paths:
         raise PlotError(f"{run_dir / 'metrics.jsonl'} has no loss, val_loss, expert_load or reuse_matrix")
     return paths
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="rexmoe-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
-    parser.add_argument("--out", metavar="DIR", default=None, help="output directory (default: RUN_DIR/plots)")
-    args = parser.parse_args(argv)
-    try:
-        paths = plot_run(args.run_dir, args.out)
-    except PlotError as err:
-        print(f"rexmoe-plot: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _console() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    _console()

@@ -32,14 +32,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E402
+
+from rexmoe_train import platform
 
 EXIT_PREEMPTED = 75  # pre-empted (signal) or out of time: checkpoint saved, requeue me
 EXIT_HALTED = 3  # too many non-finite steps

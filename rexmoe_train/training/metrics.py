@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
 
+from rexmoe_train import platform
+from rexmoe_train.core.psr import PSRSchedule, psr_allowed_mask  # noqa: E402
 from rexmoe_train.model.balance import load_violation  # noqa: E402
-from rexmoe_train.model.psr import PSRSchedule, psr_allowed_mask  # noqa: E402
-from rexmoe_train.model.reuse import ReusePlan  # noqa: E402
 
 BALANCE_TERMS = ("load_balancing_loss", "group_load_balancing_loss", "z_loss")
 
@@ -52,7 +48,7 @@ def balance_losses(cfg, num_microbatches: int) -> dict[str, float]:
               "z_loss": b.z_loss_coeff}
     stacked = torch.stack([tracker[name]["values"] for name in BALANCE_TERMS]).float()
     dist.all_reduce(stacked)
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     out, total = {}, 0.0
     for row, name in zip(stacked, BALANCE_TERMS):
         per_layer = row / (divisors[name] * num_microbatches)
@@ -75,7 +71,7 @@ def router_load(cfg, routers: list, step: int) -> dict:
     under-used candidates, the reuse matrix (how often each router picks each owner layer's experts)
     and the PSR candidate count. On evaluation steps also the raw per-candidate loads (`expert_load`),
     which `rexmoe-plot` draws as heatmaps."""
-    plan = ReusePlan.from_config(cfg)
+    plan = cfg.reuse_plan()
     width = plan.reuse_group_size * plan.experts_per_layer
     # one all-reduce: the per-candidate loads, plus a last column of assignments chosen before any
     # capacity drop
@@ -139,10 +135,10 @@ def dispatch_bytes(dispatchers: list) -> dict[str, int]:
 
 
 def throughput(cfg, padded_vocab: int, tokens: int, seconds: float, world_size: int) -> dict:
-    """tokens/s, model TFLOP/s per device and MFU, with the honest count of tools/flops.py (attention,
+    """tokens/s, model TFLOP/s per device and MFU, with the honest count of core/flops.py (attention,
     the k active experts, the router over its r*N candidates, and the LM head; x3 for training), and
     the peak memory of any rank (GPU: allocated; CPU: resident set size)."""
-    from rexmoe_train.tools.flops import flops_per_token, peak_tflops, shape_from_experiment
+    from rexmoe_train.core.flops import flops_per_token, peak_tflops, shape_from_experiment
 
     per_token = flops_per_token(shape_from_experiment(cfg, padded_vocab), cfg.rexmoe.reuse_group_size,
                                 cfg.train.seq_length)

@@ -18,20 +18,18 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from rexmoe_train import platform
-
-platform.setup()  # before megatron: it binds torch.cuda names at import
-
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
+from rexmoe_train import platform
 from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
 from rexmoe_train.data import micro_batches, valid_batches  # noqa: E402
 from rexmoe_train.data.sources import build_datasets  # noqa: E402
 from rexmoe_train.model.gpt import build_model  # noqa: E402
-from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, find_dedup_dispatchers  # noqa: E402
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from rexmoe_train.training import checkpoint  # noqa: E402
 from rexmoe_train.training.metrics import (  # noqa: E402
     balance_losses,
     collapsed_groups,
@@ -42,7 +40,6 @@ from rexmoe_train.training.metrics import (  # noqa: E402
 )
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training  # noqa: E402
 from rexmoe_train.training.run_logger import RunLogger  # noqa: E402
-from rexmoe_train.training import checkpoint  # noqa: E402
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

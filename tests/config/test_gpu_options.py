@@ -81,8 +81,7 @@ def test_te_layer_specs_on_gpu():
                                 "train": {"fp8": "hybrid"}}).validate()
     assert transformer_config(cfg).moe_grouped_gemm is True
     assert fp8_fields(cfg)["fp8"] == "hybrid"
-    from rexmoe_train.model.reuse import ReusePlan
 
-    context = ReXMoEContext(plan=ReusePlan.from_config(cfg), rexmoe=cfg.rexmoe, psr_state=None, banks=None)
+    context = ReXMoEContext(plan=cfg.reuse_plan(), rexmoe=cfg.rexmoe, psr_state=None, banks=None)
     spec = layer_specs(cfg, context)[0]
     assert spec.submodules.mlp.submodules.experts.module is TEGroupedMLP

@@ -24,7 +24,8 @@ BAD = [
     ({"parallel": {"expert_model_parallel_size": 3}}, "parallel.expert_model_parallel_size", "divide"),
     ({"parallel": {"moe_token_dispatcher_type": "flex"}}, "parallel.moe_token_dispatcher_type", "alltoall"),
     ({"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": False}}, "parallel.sequence_parallel", "true"),
-    ({"parallel": {"virtual_pipeline_model_parallel_size": 2}}, "parallel.virtual_pipeline_model_parallel_size", "pipeline"),
+    ({"parallel": {"virtual_pipeline_model_parallel_size": 2}}, "parallel.virtual_pipeline_model_parallel_size",
+     "pipeline"),
     ({"parallel": {"pipeline_model_parallel_size": 2}}, "parallel.pipeline_model_parallel_size", "reuse group 0"),
     ({"train": {"lr": 0.0}}, "train.lr", "> 0"),
     ({"train": {"min_lr": 1.0}}, "train.min_lr", "[0, train.lr]"),
@@ -85,9 +86,8 @@ def test_pp4_with_groups_of_two_is_fine_pp2_splitting_a_group_is_not():
 def test_partial_last_group_allowed_when_asked():
     cfg = _tiny_dict({"rexmoe": {"reuse_group_size": 3, "allow_partial_last_group": True}})
     experiment = experiment_from_dict(cfg).validate()
-    from rexmoe_train.model.reuse import ReusePlan
 
-    assert [g.size for g in ReusePlan.from_config(experiment).groups] == [3, 1]
+    assert [g.size for g in experiment.reuse_plan().groups] == [3, 1]
 
 
 def test_world_size_layout_checks():

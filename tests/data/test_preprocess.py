@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rexmoe_train import platform
+from rexmoe_train import compat
 
-platform.setup()
+compat.install()
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
-from rexmoe_train.data.preprocess import main, preprocess  # noqa: E402
+from rexmoe_train.cli.preprocess import main  # noqa: E402
+from rexmoe_train.data.preprocess import preprocess  # noqa: E402
 
 WORDS = ("expert router layer reuse group token bank gate shard über naïve 漢字 mixture "
          "capacity balance").split()
@@ -148,7 +149,7 @@ def test_bad_inputs_one_line_exit_2_nothing_left(corpus, tmp_path, capsys, case,
 def test_console_script_error(tmp_path):
     """The installed entry point: exit 2, one line, before anything heavy is imported."""
     exe = Path(sys.executable).with_name("rexmoe-preprocess")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rexmoe_train.data.preprocess"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rexmoe_train.cli.preprocess"]
     proc = subprocess.run(cmd + ["-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

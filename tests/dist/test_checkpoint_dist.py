@@ -18,9 +18,10 @@ _shared_dir, _remove_shared_dir = _reference.shared_dir, _reference.remove_share
 
 def _trainer(cfg):
     from rexmoe_train import platform
+    from rexmoe_train import compat
     from rexmoe_train.training.trainer import Trainer
 
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     return Trainer(cfg)
 
 
@@ -108,7 +109,7 @@ def one_process_references():
     up again for every test whose parameter set differs (here: every layout)."""
     from rexmoe_train import platform
 
-    platform.setup()
+    compat.install()
     from rexmoe_train.parallel.state import init_distributed
 
     init_distributed()

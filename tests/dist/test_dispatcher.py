@@ -167,6 +167,7 @@ def test_dedup_bytes_follow_formula_and_combine_is_exact(layout):
 def test_trainer_logs_dispatch_bytes(megatron_world, tmp_path):
     """A real training step with rexmoe_dedup at ep=2 reports world-summed bytes, fewer than stock."""
     from rexmoe_train import platform
+    from rexmoe_train import compat
     from rexmoe_train.training.trainer import Trainer
 
     shared = [str(tmp_path)]
@@ -176,7 +177,7 @@ def test_trainer_logs_dispatch_bytes(megatron_world, tmp_path):
     cfg.parallel.moe_token_dispatcher_type = "rexmoe_dedup"
     cfg.train.train_iters, cfg.train.eval_interval, cfg.train.eval_iters = 2, 100, 1
     cfg.run.dir, cfg.run.progress = f"{shared[0]}/run", False
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     trainer = Trainer(cfg)
     assert len(trainer.dispatchers) == cfg.model.num_layers
     record = trainer.train_step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rexmoe_train.model.psr import PSRSchedule, psr_allowed_mask
+from rexmoe_train.core.psr import PSRSchedule, psr_allowed_mask
 
 
 def test_mask_identical_on_all_ranks(megatron_world):

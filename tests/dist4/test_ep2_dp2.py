@@ -18,9 +18,9 @@ from tests.dist import _reference
 
 @pytest.fixture(scope="module")
 def one_process_checkpoint():
-    from rexmoe_train import platform
+    from rexmoe_train import compat
 
-    platform.setup()
+    compat.install()
     from rexmoe_train.parallel.state import init_distributed
 
     init_distributed()
@@ -37,7 +37,6 @@ def test_ep2_dp2_matches_one_process(megatron_world, one_process_checkpoint, dis
     from megatron.core import parallel_state
     from omegaconf import OmegaConf
 
-    from rexmoe_train import platform
     from rexmoe_train.config.schema import experiment_from_dict
     from rexmoe_train.training.trainer import Trainer
 
@@ -54,7 +53,9 @@ def test_ep2_dp2_matches_one_process(megatron_world, one_process_checkpoint, dis
     cfg.checkpoint.load_optimizer = not distributed_optimizer
     layout = f"ep2_dp2_{dispatcher}" + ("_distopt" if distributed_optimizer else "")
     cfg.run.dir = str(base / layout)
-    platform.reset_megatron_global_state()
+    from rexmoe_train import compat
+
+    compat.reset_megatron_global_state()
     trainer = Trainer(cfg)
     assert trainer.step == 3
     assert trainer.dp_size == 4 and trainer.num_microbatches == 1

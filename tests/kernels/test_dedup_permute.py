@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rexmoe_train.kernels import (_triton, dedup_layout, dedup_permute, dedup_unpermute, dense_from_topk,
-                                  fused_router)
+from rexmoe_train.kernels import _triton, dedup_layout, dedup_permute, dedup_unpermute, dense_from_topk, fused_router
 
 # (tokens, hidden, ep, local experts per rank, topk, skew): skew routes most tokens to rank 0 so the
 # splits are uneven and some ranks receive no rows at all. hidden=300 spans two 256-column chunks.
@@ -111,9 +110,8 @@ def test_model_runs_the_triton_kernels_where_configured(triton_cpu, poisoned, la
     """rexmoe.kernels=triton: the router's gate is fused_router and the rexmoe_dedup dispatcher's
     permute/unpermute are the Triton kernels (here through the interpreter); the model's loss and
     every gradient equal the torch path's, mid-PSR-ramp, with and without a capacity factor."""
-    from unittest import mock
-
     import importlib
+    from unittest import mock
 
     permute_module = importlib.import_module("rexmoe_train.kernels.dedup_permute")
     router_module = importlib.import_module("rexmoe_train.kernels.fused_router")

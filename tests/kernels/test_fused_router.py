@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rexmoe_train.core.gating import gate
 from rexmoe_train.kernels import _triton, fused_router, fused_router_reference
-from rexmoe_train.model.gating import gate
 
 # (tokens, candidates, topk): C not a power of two, T not a multiple of the token block (the block is
 # 4096 // next_pow2(C) rows, capped at 64), C = 256 = the paper's 2.3B with r=4.

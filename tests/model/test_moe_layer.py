@@ -14,11 +14,10 @@ def _pair(cfg):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from rexmoe_train.core.psr import PSRState
     from rexmoe_train.model.experts import ExpertBanks
     from rexmoe_train.model.gpt import transformer_config
     from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer
-    from rexmoe_train.model.psr import PSRState
-    from rexmoe_train.model.reuse import ReusePlan
 
     tc = transformer_config(cfg)
     submodules = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
@@ -27,7 +26,7 @@ def _pair(cfg):
     stock_cfg.moe_router_load_balancing_type = "aux_loss"
     stock_cfg.moe_aux_loss_coeff = cfg.rexmoe.balance.layer_aux_coeff
     stock = MoELayer(stock_cfg, copy.deepcopy(submodules), layer_number=1)
-    ctx = ReXMoEContext(plan=ReusePlan.from_config(cfg), rexmoe=cfg.rexmoe, psr_state=PSRState(0),
+    ctx = ReXMoEContext(plan=cfg.reuse_plan(), rexmoe=cfg.rexmoe, psr_state=PSRState(0),
                         banks=ExpertBanks(tc))
     ours = ReXMoELayer(tc, copy.deepcopy(submodules), layer_number=1, context=ctx, moe_layer=0)
     for layer in (stock, ours):
@@ -128,7 +127,7 @@ def test_capacity_counts_available_candidates_only(layout, policy):
     masked candidates get nothing, and exactly the over-quota assignments are dropped."""
     import math
 
-    from rexmoe_train.model.gating import gate
+    from rexmoe_train.core.gating import gate
     from rexmoe_train.model.gpt import build_model
 
     cfg = tiny_config(r=4, layers=4, psr="linear", start_step=0, end_step=10)

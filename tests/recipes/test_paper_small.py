@@ -33,7 +33,7 @@ def test_variants_follow_the_papers_ramp():
         "rexmoe.psr.start_step=10000", "rexmoe.psr.end_step=30000"]
     assert by_name["r4_stepwise"].overrides(47_700)[2:] == ["rexmoe.psr.start_step=0",
                                                             "rexmoe.psr.end_step=30000"]
-    from rexmoe_train.model.psr import PSRSchedule
+    from rexmoe_train.core.psr import PSRSchedule
 
     step = PSRSchedule("stepwise", 64, 4, 0, 30_000)  # N=64, r=4: 64 / 128 / 192 / 256
     assert [step.num_candidates(t) for t in (9_999, 10_000, 20_000, 30_001)] == [64, 128, 192, 256]

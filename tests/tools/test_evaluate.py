@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_eval_matches_trainer_val_loss(trained_run, tmp_path):
     out = tmp_path / "eval.json"
-    proc = run("rexmoe_train.tools.evaluate", str(trained_run / "checkpoints"), "--out", str(out))
+    proc = run("rexmoe_train.cli.eval", str(trained_run / "checkpoints"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val loss" in proc.stdout and "perplexity" in proc.stdout
     result = json.loads(out.read_text())
@@ -56,7 +56,7 @@ def test_eval_matches_trainer_val_loss(trained_run, tmp_path):
 
 def test_full_psr_and_bad_inputs(trained_run, tmp_path, capsys, megatron_world):
     """In-process (megatron is imported once): --psr-step full, then bad inputs -> one line, exit 2."""
-    from rexmoe_train.tools.evaluate import main
+    from rexmoe_train.cli.eval import main
 
     full = tmp_path / "full.json"
     assert main([str(trained_run / "checkpoints"), "--psr-step", "full", "--batches", "1",

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rexmoe_train.tools.plot import main, plot_run
+from rexmoe_train.cli.plot import main
+from rexmoe_train.tools.plot import plot_run
 
 
 def _write_metrics(run_dir: Path) -> None:

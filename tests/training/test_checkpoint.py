@@ -82,10 +82,10 @@ def ramp_config(run_dir: Path, train_iters: int = 8, **ck) -> object:
 
 
 def make_trainer(cfg):
-    from rexmoe_train import platform
+    from rexmoe_train import compat
     from rexmoe_train.training.trainer import Trainer
 
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     return Trainer(cfg)
 
 
@@ -315,16 +315,16 @@ BAD_LOAD_PATHS = [
 @pytest.fixture(scope="module")
 def saved_checkpoint(tmp_path_factory):
     """A 2-step checkpoint of the tiny model (r=4, N=8, 4 layers, hidden 64), saved once."""
-    from rexmoe_train import platform
+    from rexmoe_train import compat
 
-    platform.setup()
+    compat.install()
     from rexmoe_train.parallel.state import init_distributed
 
     init_distributed()
     base = tmp_path_factory.mktemp("ckpt")
     trainer = make_trainer(ramp_config(base / "run", train_iters=2))
     trainer.run()
-    platform.reset_megatron_global_state()
+    compat.reset_megatron_global_state()
     return base / "run" / "checkpoints", trainer.vocab_size
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from rexmoe_train.tools.flops import flops_per_token, shape_from_experiment
+from rexmoe_train.core.flops import flops_per_token, shape_from_experiment
 from tests.helpers import tiny_config
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rexmoe_train import platform
+from rexmoe_train import compat
 
-platform.setup()
+compat.install()
 
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function  # noqa: E402
 
-from rexmoe_train.model.gating import gate  # noqa: E402
+from rexmoe_train.core.gating import gate  # noqa: E402
 
 MEGATRON = {
     "softmax_then_topk": dict(use_pre_softmax=True, score_function="softmax"),

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rexmoe_train.model.gating import gate
-from rexmoe_train.model.psr import PSRSchedule, PSRState, psr_allowed_mask
+from rexmoe_train.core.gating import gate
+from rexmoe_train.core.psr import PSRSchedule, PSRState, psr_allowed_mask
 
 N, R, TS, TE = 64, 4, 10_000, 30_000
 

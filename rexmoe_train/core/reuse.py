@@ -10,10 +10,9 @@ this is what lets group-pooled balancing simply add the routers' per-candidate l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:
-    from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,16 +50,6 @@ class ReusePlan:
     experts_per_layer: int
     allow_partial_last_group: bool = False
 
-    @classmethod
-    def from_config(cls, cfg: "ExperimentConfig") -> "ReusePlan":
-        return cls(
-            num_layers=cfg.model.num_layers,
-            first_k_dense_layers=cfg.model.first_k_dense_layers,
-            reuse_group_size=cfg.rexmoe.reuse_group_size,
-            experts_per_layer=cfg.model.num_moe_experts,
-            allow_partial_last_group=cfg.rexmoe.allow_partial_last_group,
-        )
-
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_k_dense_layers
@@ -89,8 +78,6 @@ class ReusePlan:
         """All layers of a group must live in one model chunk: an expert split across pipeline stages
         would need its gradient synchronised across stages. Every chunk boundary of megatron's split
         (pipeline_chunks) must fall on a group boundary."""
-        from rexmoe_train.config.schema import ConfigError
-
         chunks = pipeline_chunks(self.num_layers, pp, vpp, first, last)
         for index, (stage, boundary, _) in enumerate(chunks[1:], start=1):
             moe_boundary = boundary - self.first_k_dense_layers  # MoE layers before this chunk
@@ -116,8 +103,6 @@ def pipeline_chunks(num_layers: int, pp: int, vpp: Optional[int] = None, first: 
     Even: num_layers / (pp * vpp) per chunk. Uneven (first / last = num_layers_in_first/last_
     pipeline_stage): those stages hold first / last layers (first / vpp per chunk), the other
     ("middle") stages share the rest evenly. Chunk v of every stage precedes chunk v+1 of any."""
-    from rexmoe_train.config.schema import ConfigError
-
     v = vpp or 1
 
     def bad(field: str, value, why: str):

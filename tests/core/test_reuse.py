@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rexmoe_train.config.schema import ConfigError
-from rexmoe_train.model.reuse import ReusePlan
+from rexmoe_train.core.reuse import ReusePlan
 
 
 def test_groups_and_candidates_with_dense_first_layers():
@@ -53,14 +53,14 @@ SPLITS = [(8, 2, None, None, None), (8, 2, 2, None, None), (12, 3, None, 2, None
 @pytest.mark.parametrize("num_layers,pp,vpp,first,last", SPLITS)
 def test_pipeline_chunks_match_megatron(num_layers, pp, vpp, first, last):
     """Our config-time split is megatron's (get_transformer_layer_offset / get_num_layers_to_build)."""
-    from rexmoe_train import platform
+    from rexmoe_train import compat, platform
 
-    platform.setup()
+    compat.install()
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from rexmoe_train.model.reuse import pipeline_chunks
+    from rexmoe_train.core.reuse import pipeline_chunks
 
     tc = TransformerConfig(num_layers=num_layers, hidden_size=64, num_attention_heads=4,
                            pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,

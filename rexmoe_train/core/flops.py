@@ -64,7 +64,7 @@ def peak_tflops(device_name: str, precision: str, override: Optional[float]) -> 
     return None
 
 
-def shape_from_experiment(cfg, vocab: int) -> "Shape":
+def shape_from_experiment(cfg, vocab: int) -> Shape:
     """The Shape of an ExperimentConfig's model (``vocab``: the padded embedding size)."""
     m = cfg.model
     return Shape(name="run", hidden=m.hidden_size, heads=m.num_attention_heads,

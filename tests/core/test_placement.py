@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rexmoe_train.parallel.placement import ExpertPlacement
+from rexmoe_train.core.placement import ExpertPlacement
 
 
 @pytest.mark.parametrize("n,r,ep", [(8, 4, 2), (8, 2, 4), (16, 3, 4), (8, 1, 2), (4, 4, 1)])

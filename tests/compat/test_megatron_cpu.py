@@ -1,0 +1,90 @@
+"""The megatron-core CPU compatibility layer: installed explicitly, every target checked, the
+supported megatron-core range enforced in one line."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import types
+
+import pytest
+
+from rexmoe_train import compat, platform
+from rexmoe_train.compat import megatron_cpu
+
+# Every attribute the layer replaces on CPU, in install order. A change to this list is a change to
+# what the project does to torch and megatron process-wide: make it here on purpose, with a reason in
+# megatron_cpu.py.
+FACTORIES = ["tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+             "randperm", "linspace", "eye", "empty_strided", "zeros_like", "ones_like", "empty_like",
+             "full_like", "rand_like", "randn_like"]
+EXPECTED_CPU_TARGETS = [
+    *(f"torch.cuda.{name}" for name in (
+        "current_device", "set_device", "device_count", "synchronize", "empty_cache", "Stream",
+        "ExternalStream", "Event", "current_stream", "default_stream", "stream", "set_stream",
+        "get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all", "memory_allocated",
+        "max_memory_allocated", "memory_reserved", "max_memory_reserved", "reset_peak_memory_stats",
+        "memory_stats")),
+    "torch.cuda.nvtx.range_push", "torch.cuda.nvtx.range_pop", "torch.cuda.nvtx.range",
+    "torch.Tensor.cuda", "torch.nn.modules.module.Module.cuda", "torch.Tensor.pin_memory",
+    "torch.Tensor.record_stream",
+    *(f"torch.{name}" for name in FACTORIES),
+    "torch.Tensor.to", *(f"torch.Tensor.{n}" for n in ("new_zeros", "new_ones", "new_empty", "new_full",
+                                                         "new_tensor")),
+    "torch.Tensor.type",
+    "torch.distributed.all_gather", "torch.distributed.reduce_scatter",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+    "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+    "megatron.core.transformer.moe.moe_utils.maybe_move_tensor_to_cpu",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+    "megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__",
+    "megatron.core.pipeline_parallel.p2p_communication._batched_p2p_ops",
+]
+
+
+@pytest.mark.skipif(platform.HAS_CUDA, reason="with CUDA the layer replaces nothing")
+def test_every_patched_target_is_listed():
+    compat.install()  # the conftest did; idempotent
+    assert compat.installed()
+    assert compat.patched_targets() == EXPECTED_CPU_TARGETS
+    compat.install()
+    assert compat.patched_targets() == EXPECTED_CPU_TARGETS  # idempotent: nothing patched twice
+
+
+def test_a_missing_target_is_refused_not_created():
+    owner = types.SimpleNamespace(present=1)
+    owner.__name__ = "fake.module"
+    with pytest.raises(compat.CompatError, match=r"fake\.module\.renamed does not exist"):
+        megatron_cpu._replace(owner, "renamed", lambda: None)
+    assert not hasattr(owner, "renamed")
+
+
+@pytest.mark.parametrize("version, ok", [("0.16.1", True), ("0.16.9rc1", True), ("0.16.0", False),
+                                         ("0.17.0", False), ("0.15.3", False), ("1.0.0", False)])
+def test_supported_megatron_range(version, ok):
+    if ok:
+        assert compat.check_megatron_version(version) == version
+    else:
+        with pytest.raises(compat.CompatError) as err:
+            compat.check_megatron_version(version)
+        message = str(err.value)
+        assert "\n" not in message and version in message and ">=0.16.1,<0.17" in message
+
+
+def test_the_installed_megatron_is_in_range():
+    assert compat.check_megatron_version() == importlib.metadata.version("megatron-core")
+
+
+def test_install_outside_the_range_is_one_line(tmp_path):
+    """A fake megatron-core 0.17 distribution first on the path: install() refuses before patching."""
+    dist = tmp_path / "megatron_core-0.17.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: megatron-core\nVersion: 0.17.0\n")
+    code = ("import sys, torch\nsys.path.insert(0, %r)\nfrom rexmoe_train import compat\n"
+            "zeros = torch.zeros\ntry:\n    compat.install()\nexcept compat.CompatError as e:\n"
+            "    print(e)\nassert torch.zeros is zeros and not compat.installed()\n") % str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("megatron-core 0.17.0 is not supported: rexmoe-train needs >=0.16.1,<0.17 "
+                                   "(pip install 'megatron-core>=0.16.1,<0.17')")
