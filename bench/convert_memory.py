@@ -34,16 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def experiment(model: str, layers: int, vocab: int, bf16: bool):
     """The config `rexmoe-train model=<model>` composes, in a 1-process layout."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from rexmoe_train.config.schema import experiment_from_dict
+    from rexmoe_train.config.compose import compose_experiment
 
     overrides = [f"model={model}", f"model.num_layers={layers}", f"model.vocab_size={vocab}",
                  "parallel.expert_model_parallel_size=1", "run.dir=/tmp/unused", f"train.bf16={str(bf16).lower()}"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return experiment_from_dict(OmegaConf.to_container(cfg, resolve=True)).validate()
+    return compose_experiment(overrides).experiment.validate()
 
 
 def make(args) -> None:

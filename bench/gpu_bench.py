@@ -27,15 +27,15 @@ from dataclasses import asdict
 from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_CONFIGS = {"0.5b": "configs/model/rexmoe_0.5b.yaml", "2.3b": "configs/model/rexmoe_2.3b.yaml"}
+MODEL_CONFIGS = {"0.5b": "rexmoe_0.5b", "2.3b": "rexmoe_2.3b"}  # rexmoe_train/configs/model/<name>.yaml
 from rexmoe_train.core.flops import PEAK_TFLOPS, Shape, flops_per_token, peak_tflops  # noqa: E402,F401
 
 
 def shape_from_config(name: str, layers: Optional[int] = None, vocab: int = 32000) -> Shape:
-    """A paper model's shape from its configs/model yaml; ``layers`` overrides the depth."""
-    from omegaconf import OmegaConf
+    """A paper model's shape from its packaged config; ``layers`` overrides the depth."""
+    from rexmoe_train.config.compose import compose_experiment
 
-    m = OmegaConf.load(os.path.join(REPO, MODEL_CONFIGS[name])).model
+    m = compose_experiment([f"model={MODEL_CONFIGS[name]}"]).experiment.model
     return Shape(name=name, hidden=m.hidden_size, heads=m.num_attention_heads,
                  kv_heads=m.num_query_groups or m.num_attention_heads,
                  layers=layers or m.num_layers, experts=m.num_moe_experts, topk=m.moe_router_topk,
@@ -65,13 +65,11 @@ def _cuda_time(fn, warmup: int, iters: int) -> list[float]:
 
 
 def _config(shape: Shape, reuse: int, precision: str, dispatcher: str, args):
-    from omegaconf import OmegaConf
+    from rexmoe_train.config.compose import compose_experiment
+    from rexmoe_train.config.schema import ExperimentConfig
 
-    from rexmoe_train.config.schema import ExperimentConfig, from_dict
-
-    model = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, MODEL_CONFIGS[shape.name])).model)
     cfg = ExperimentConfig()
-    cfg.model = from_dict(type(cfg.model), model, "model")
+    cfg.model = compose_experiment([f"model={MODEL_CONFIGS[shape.name]}"]).experiment.model
     cfg.model.num_layers = shape.layers
     cfg.rexmoe.reuse_group_size = reuse
     cfg.rexmoe.psr.schedule = "none"  # steady state: every router sees all r*N candidates

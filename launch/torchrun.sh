@@ -47,13 +47,26 @@ fi
 
 # WHY the interpreter dance: torchrun starts the workers with its own interpreter, so an
 # explicit PYTHON (a venv) must run the launcher module too, not whatever torchrun is on PATH.
+# Without PYTHON, the checkout's own .venv (what the README creates) is used when it exists, so
+# the launcher works without activating anything.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${PYTHON:-} && -x $repo/.venv/bin/python ]]; then
+    PYTHON=$repo/.venv/bin/python
+fi
 if [[ -n ${PYTHON:-} ]]; then
+    python=("$PYTHON")
     launcher=("$PYTHON" -m torch.distributed.run)
 elif command -v torchrun >/dev/null 2>&1; then
+    python=(python3)
     launcher=(torchrun)
 else
-    launcher=(python -m torch.distributed.run)
+    python=(python3)
+    launcher=(python3 -m torch.distributed.run)
 fi
+
+# Validate the config (and the layout for this many processes) once, before starting N of them:
+# a bad value is one line and exit 2, not N copies of it followed by torchrun's ChildFailedError.
+"${python[@]}" -m rexmoe_train.cli.train --check --world-size "$nproc_per_node" "$@" || exit $?
 
 exec "${launcher[@]}" "${rendezvous[@]}" --nproc-per-node "$nproc_per_node" \
     -m rexmoe_train.cli.train "$@"

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rexmoe_train"
 LAYERS = {
     "core": 0, "platform": 0, "threads": 0,
     "compat": 1,
-    "config": 2,
+    "config": 2, "configs": 2,
     "kernels": 3, "data": 3,
     "parallel": 4,
     "model": 5,

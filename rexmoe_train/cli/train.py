@@ -1,36 +1,47 @@
-"""`rexmoe-train`: the Hydra entry point. Runs as one process (`rexmoe-train ...`) or under torchrun.
+"""`rexmoe-train`: the training entry point. Runs as one process (`rexmoe-train ...`) or under torchrun.
 
-Composes configs/ (override anything on the command line: `model=rexmoe_0.5b rexmoe.reuse_group_size=1
-train.train_iters=100`), validates it into typed dataclasses before anything is built, then trains.
-A bad value exits with status 2 and one line naming the field and what is allowed; so does a missing,
-damaged or mismatched checkpoint. Exit 75: pre-empted (SIGTERM/SIGUSR1) or out of time
-(checkpoint.exit_duration_mins), checkpoint saved: run again to resume. Exit 3: halted after more
-than checkpoint.max_skipped_steps non-finite steps. See docs/reliability.md.
+Composes the packaged configs (rexmoe_train/configs; ``$REXMOE_CONFIG_DIR`` overrides) with Hydra
+overrides from the command line (`model=rexmoe_0.5b rexmoe.reuse_group_size=1 train.train_iters=100`),
+validates the result into typed dataclasses before anything is built, then trains.
+
+Exit status: 0 done; 2 a bad value, override, layout or checkpoint (one line on stderr, from rank 0
+only under torchrun); 75 pre-empted (SIGTERM/SIGUSR1) or out of time (checkpoint.exit_duration_mins),
+checkpoint saved: run again to resume; 3 halted after more than checkpoint.max_skipped_steps
+non-finite steps. See docs/reliability.md.
+
+``--cfg`` prints the composed config and exits; ``--check`` validates it (with the layout checks when
+``--world-size N`` is given, as launch/torchrun.sh does before starting N processes) and exits.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Optional
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from rexmoe_train.config.compose import compose_experiment
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig
 
-from rexmoe_train.config.schema import ConfigError, experiment_from_dict
-
-
-def config_dir() -> str:
-    """configs/ of this checkout (the package is installed editable), or $REXMOE_CONFIG_DIR."""
-    env = os.environ.get("REXMOE_CONFIG_DIR")
-    return env or str(Path(__file__).resolve().parents[2] / "configs")
-
-
-def resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+EXIT_CONFIG = 2
+USAGE = ("usage: rexmoe-train [--cfg | --check [--world-size N]] [KEY=VALUE | GROUP=OPTION ...]\n"
+         "  e.g. rexmoe-train model=rexmoe_0.5b rexmoe.reuse_group_size=1 train.train_iters=100\n"
+         "  groups: model (tiny, rexmoe_0.5b[_se], rexmoe_2.3b[_se], rexmoe_7b_se), train (tiny_cpu, paper);\n"
+         "  every field: rexmoe_train/config/schema.py; docs: README.md")
 
 
-def dry_run(experiment) -> int:
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> None:
+    """One line on stderr (rank 0 only: every rank fails alike), then exit."""
+    if _is_rank0():
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def dry_run(experiment: ExperimentConfig) -> int:
     """Describe the run without building it: no process group, no megatron, no data read."""
     from rexmoe_train.tools.dry_run import describe
 
@@ -44,58 +55,87 @@ def dry_run(experiment) -> int:
         vocab = load_tokenizer(experiment.data.tokenizer).vocab_size
     vocab = experiment.model.vocab_size or vocab
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         try:
             print(describe(experiment, vocab, world_size=world, bf16=experiment.train.bf16 is not False),
                   flush=True)
         except ConfigError as err:
             print(err, file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
     return 0
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    data = resolved(cfg)
+def _parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    flags = {"cfg": False, "check": False, "world_size": None}
+    rest = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        elif arg in ("--cfg", "--cfg=job"):
+            flags["cfg"] = True
+        elif arg == "--check":
+            flags["check"] = True
+        elif arg == "--world-size" or arg.startswith("--world-size="):
+            value = arg.partition("=")[2] or next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                _fail(f"config error: --world-size={value!r}: must be an integer >= 1")
+            flags["world_size"] = int(value)
+        elif arg.startswith("-"):
+            _fail(f"rexmoe-train: unknown option {arg!r}; allowed: --cfg, --check, --world-size N, "
+                  "-h (everything else is KEY=VALUE)")
+        else:
+            rest.append(arg)
+    return flags, rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    flags, overrides = _parse_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        experiment = experiment_from_dict(data).validate()
+        composed = compose_experiment(overrides)
+        experiment = composed.experiment.validate(flags["world_size"])
     except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
+    if flags["cfg"]:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.create(composed.resolved)), end="")
+        return 0
+    if flags["check"]:
+        return 0
     if experiment.run.dry_run:
-        sys.exit(dry_run(experiment))
+        return dry_run(experiment)
+
     from rexmoe_train import compat
 
     compat.install()  # the megatron-core CPU layer, before the first megatron import
-    from rexmoe_train.training.checkpoint import EXIT_HALTED, CheckpointError, TrainingHalted
+    from rexmoe_train.checkpoint import CheckpointError
+    from rexmoe_train.training.guard import EXIT_HALTED, TrainingHalted
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
     try:
-        trainer = Trainer(experiment, resolved_config=data)
+        trainer = Trainer(experiment, resolved_config=composed.resolved)
     except (ConfigError, CheckpointError) as err:  # layout checks; a missing/bad/mismatched checkpoint
-        print(err, file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
     try:
         history = trainer.run()
     except TrainingHalted as err:
-        print(err, file=sys.stderr)
-        sys.exit(EXIT_HALTED)
+        _fail(str(err), EXIT_HALTED)
     if trainer.rank == 0:
-        last = next((h for h in reversed(history) if "loss" in h), {})
+        last = next((h for h in reversed(history) if "loss" in h), None)
         evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-        summary = f"[done] step {trainer.step}; final train loss {last.get('loss', float('nan')):.4f}"
+        if last is None:
+            summary = f"[done] step {trainer.step}; no step trained (already at train.train_iters)"
+        else:
+            summary = f"[done] step {trainer.step}; final train loss {last['loss']:.4f}"
         if evals:
             (first_step, first), (last_step, final) = evals[0], evals[-1]
             summary += f"; val_loss {first:.4f} (step {first_step}) -> {final:.4f} (step {last_step})"
         print(summary, flush=True)
         print(f"[done] run dir: {experiment.run.dir} (config.yaml, metrics.jsonl)", flush=True)
-    if trainer.exit_code:  # 75: pre-empted / out of time, checkpoint saved (launch/slurm.sbatch requeues)
-        sys.exit(trainer.exit_code)
-
-
-def main() -> None:
-    _main()
+    return trainer.exit_code  # 75: pre-empted / out of time, checkpoint saved (slurm.sbatch requeues)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

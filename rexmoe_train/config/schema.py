@@ -99,10 +99,6 @@ class ReXMoEConfig:
         _one_of(f"{path}.gating", self.gating, GATINGS)
         _one_of(f"{path}.kernels", self.kernels, KERNEL_IMPLS)
         if self.kernels == "triton":
-            from rexmoe_train.kernels._triton import HAVE_TRITON
-
-            if not HAVE_TRITON:
-                _fail(f"{path}.kernels", self.kernels, "needs triton (pip install triton); use auto or torch")
             if self.gating != "softmax_then_topk" or self.psr.mask_on != "scores":
                 _fail(f"{path}.kernels", self.kernels,
                       f"the fused router implements {path}.gating=softmax_then_topk with "
@@ -193,12 +189,6 @@ class ModelConfig:
             _fail(f"{path}.norm_epsilon", self.norm_epsilon, "must be in (0, 1)")
         _at_least(f"{path}.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)
         _one_of(f"{path}.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
-        if self.transformer_impl == "transformer_engine":
-            from rexmoe_train import platform
-
-            if not platform.has_transformer_engine():
-                _fail(f"{path}.transformer_impl", self.transformer_impl,
-                      "needs Transformer Engine on a GPU (not available here); use local or auto")
 
 
 @dataclass
@@ -236,9 +226,9 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 42
-    train_iters: int = 300
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
+    train_iters: int = 250
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
     seq_length: int = 256
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -451,16 +441,35 @@ class ExperimentConfig:
         if self.train.seq_length % p.tensor_model_parallel_size:
             _fail("train.seq_length", self.train.seq_length,
                   "must be divisible by parallel.tensor_model_parallel_size (sequence parallelism)")
-        if self.train.fp8 is not None and m.resolved_transformer_impl() != "transformer_engine":
+        if self.train.fp8 is not None and m.transformer_impl == "local":
             _fail("train.fp8", self.train.fp8,
-                  "needs Transformer Engine on a GPU (model.transformer_impl resolves to local here); "
-                  "use train.fp8=null")
+                  "needs Transformer Engine (model.transformer_impl=local never uses it); use "
+                  "model.transformer_impl=auto or transformer_engine, or train.fp8=null")
         self.reuse_plan().check_pipeline_split(
             p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
             p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
         )
         if world_size is not None:
             self.validate_layout(world_size)
+        return self
+
+    def check_machine(self) -> ExperimentConfig:
+        """What this machine must offer for the config: run when training starts, not in validate()
+        (which stays pure, so a laptop can dry-run an fp8 GPU config)."""
+        import importlib.util
+
+        from rexmoe_train import platform
+
+        m, r = self.model, self.rexmoe
+        if m.transformer_impl == "transformer_engine" and not platform.has_transformer_engine():
+            _fail("model.transformer_impl", m.transformer_impl,
+                  "needs Transformer Engine on a GPU (not available here); use local or auto")
+        if self.train.fp8 is not None and m.resolved_transformer_impl() != "transformer_engine":
+            _fail("train.fp8", self.train.fp8,
+                  "needs Transformer Engine on a GPU (model.transformer_impl resolves to local here); "
+                  "use train.fp8=null")
+        if r.kernels == "triton" and importlib.util.find_spec("triton") is None:
+            _fail("rexmoe.kernels", r.kernels, "needs triton (pip install triton); use auto or torch")
         return self
 
     def validate_layout(self, world_size: int) -> None:

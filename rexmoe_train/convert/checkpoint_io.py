@@ -1,4 +1,4 @@
-"""Read and write training checkpoints (training/checkpoint.py's layout) in ONE process, for the
+"""Read and write training checkpoints (rexmoe_train/checkpoint's layout) in ONE process, for the
 converters. dist_checkpointing reshards on load, so a checkpoint saved in any parallel layout loads
 into the 1-process model here; and a model-only checkpoint written here is what `rexmoe-train
 checkpoint.load=...` starts from.
@@ -21,37 +21,38 @@ from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from rexmoe_train.checkpoint import compatibility, layout  # noqa: E402
+from rexmoe_train.checkpoint.errors import CheckpointError  # noqa: E402
 from rexmoe_train.config.schema import ConfigError, ExperimentConfig, ParallelConfig, experiment_from_dict  # noqa: E402
 from rexmoe_train.convert.hf_format import ConvertError  # noqa: E402
 from rexmoe_train.model.gpt import ReXMoEModel, build_model  # noqa: E402
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
-from rexmoe_train.training import checkpoint as ckpt  # noqa: E402
 
 
 def resolve(path: Path) -> Path:
     """A checkpoint root (with the pointer file) or an iter_* directory -> the iter_* directory."""
     if not path.exists():
         raise ConvertError(f"{path}: no such checkpoint directory")
-    if (path / ckpt.TRACKER).exists():
+    if (path / layout.TRACKER).exists():
         try:
-            return path / ckpt.iter_name(ckpt.read_tracker(path))
-        except ckpt.CheckpointError as err:
+            return path / layout.iter_name(layout.read_tracker(path))
+        except CheckpointError as err:
             raise ConvertError(str(err)) from None
-    if (path / ckpt.META).exists():
+    if (path / layout.META).exists():
         return path
-    raise ConvertError(f"{path}: not a ReXMoE checkpoint (neither {ckpt.TRACKER} nor {ckpt.META} found)")
+    raise ConvertError(f"{path}: not a ReXMoE checkpoint (neither {layout.TRACKER} nor {layout.META} found)")
 
 
 def read_checkpoint_config(iter_dir: Path) -> tuple[ExperimentConfig, dict]:
     try:
-        meta = ckpt.read_metadata(iter_dir)
-    except ckpt.CheckpointError as err:
+        meta = layout.read_metadata(iter_dir)
+    except CheckpointError as err:
         raise ConvertError(str(err)) from None
     try:
-        data = OmegaConf.to_container(OmegaConf.load(iter_dir / ckpt.CONFIG), resolve=True)
+        data = OmegaConf.to_container(OmegaConf.load(iter_dir / layout.CONFIG), resolve=True)
         cfg = experiment_from_dict(data)
     except (OSError, ConfigError, ValueError) as err:
-        raise ConvertError(f"{iter_dir / ckpt.CONFIG}: unusable config ({err})") from None
+        raise ConvertError(f"{iter_dir / layout.CONFIG}: unusable config ({err})") from None
     return cfg, meta
 
 
@@ -77,7 +78,7 @@ def load_model(path: Path, bf16: bool = False) -> tuple[ExperimentConfig, ReXMoE
     vocab = int(meta["model"]["model.vocab_size"])
     model = build_single_process(cfg, vocab)
     chunk = model.chunks[0]
-    sharded = {"model": chunk.sharded_state_dict(metadata=ckpt.sharding_metadata(cfg))}
+    sharded = {"model": chunk.sharded_state_dict(metadata=compatibility.sharding_metadata(cfg))}
     loaded = dist_checkpointing.load(sharded, str(iter_dir))
     chunk.load_state_dict(loaded["model"], strict=False)
     model.psr_state.set_step(meta["step"])
@@ -108,27 +109,27 @@ def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: 
         raise ConvertError(f"output directory {out} exists and is not empty (pass --overwrite)")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    iter_dir = tmp / ckpt.iter_name(step)
+    iter_dir = tmp / layout.iter_name(step)
     iter_dir.mkdir(parents=True)
     try:
         chunk = model.chunks[0]
-        dist_checkpointing.save({"model": chunk.sharded_state_dict(metadata=ckpt.sharding_metadata(cfg))},
+        dist_checkpointing.save({"model": chunk.sharded_state_dict(metadata=compatibility.sharding_metadata(cfg))},
                                 str(iter_dir), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-        (iter_dir / ckpt.CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+        (iter_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
         meta = {
-            "format": ckpt.FORMAT_VERSION,
+            "format": layout.FORMAT_VERSION,
             "step": step,
             "model_only": True,
             "source": source,
-            "model": ckpt.model_signature(cfg, vocab_size),
+            "model": compatibility.model_signature(cfg, vocab_size),
             "padded_vocab_size": model.vocab_size,
-            "parallel": ckpt.parallel_signature(cfg, 1),
+            "parallel": compatibility.parallel_signature(cfg, 1),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "megatron_backend": "torch_dist",
         }
         meta["files"] = {p.name: p.stat().st_size for p in iter_dir.iterdir() if p.is_file()}
-        (iter_dir / ckpt.META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        (tmp / ckpt.TRACKER).write_text(f"{step}\n")
+        (iter_dir / layout.META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / layout.TRACKER).write_text(f"{step}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -48,7 +48,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
 
 from rexmoe_train.config.schema import ConfigError, DataConfig  # noqa: E402
 
-from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError, load_tokenizer, tokenizer_metadata  # noqa: E402  # noqa: E402
+from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError, load_tokenizer, tokenizer_metadata  # noqa: E402
 
 __all__ = ["RexTokenizer", "IndexedSamples", "build_indexed_datasets", "check_prefix"]
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func  # noqa: E402
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 
 
 class ScopedCounts:

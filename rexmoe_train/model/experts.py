@@ -17,24 +17,22 @@ the bank from the experts module of the layer spec.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding  # noqa: E402
-from megatron.core.transformer.module import MegatronModule  # noqa: E402
-from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 try:  # the TE bank's base class; megatron defines it without TE, guard anyway (older/newer mcore)
-    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory  # noqa: E402
-    from megatron.core.transformer.moe.experts import TEGroupedMLP  # noqa: E402
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: E402
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 except ImportError:  # pragma: no cover - depends on the megatron build
     TEGroupedMLP = None
 
-from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
-from rexmoe_train.core.reuse import ReuseGroup  # noqa: E402
+from rexmoe_train.core.placement import ExpertPlacement
+from rexmoe_train.core.reuse import ReuseGroup
 
 
 class _GroupSlots:
@@ -162,11 +160,8 @@ class ExpertBanks(MegatronModule):
         super().__init__(config)
         self.banks = torch.nn.ModuleDict()
 
-    def get_or_build(self, group: ReuseGroup, build: Callable[[], ExpertBank]) -> ExpertBank:
-        key = str(group.index)
-        if key not in self.banks:
-            self.banks[key] = build()
-        return self.banks[key]
+    def add(self, group_index: int, bank: ExpertBank) -> None:
+        self.banks[str(group_index)] = bank
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         out = {}

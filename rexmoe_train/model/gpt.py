@@ -14,19 +14,22 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from rexmoe_train import platform
-from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
-from rexmoe_train.core.psr import PSRState  # noqa: E402
-from rexmoe_train.model.experts import ExpertBanks  # noqa: E402
-from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer  # noqa: E402
+from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.core.psr import PSRState
+from rexmoe_train.model.experts import ExpertBanks
+from rexmoe_train.model.moe_layer import ReXMoELayer
+from rexmoe_train.model.router import ReXMoERouter
+from rexmoe_train.model.runtime import ReuseGroupRuntime, build_group_runtimes
+from rexmoe_train.parallel.dispatcher import DedupAllToAllDispatcher, find_dedup_dispatchers
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -122,24 +125,28 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
 
 @dataclass
 class ReXMoEModel:
-    """The model chunks of this rank (one per virtual pipeline stage) and their ReXMoE contexts."""
+    """The model chunks of this rank (one per virtual pipeline stage) and, per chunk, the runtimes
+    of the reuse groups it holds (group index -> ReuseGroupRuntime)."""
 
     chunks: list[GPTModel]
-    contexts: list[ReXMoEContext]
+    runtimes: list[dict[int, ReuseGroupRuntime]]
     config: TransformerConfig
     psr_state: PSRState
     vocab_size: int
 
+    # Routers and dispatchers are found one way: by walking the modules, in model order.
     @property
-    def routers(self) -> list:
-        return [router for ctx in self.contexts for router in ctx.routers]
+    def routers(self) -> list[ReXMoERouter]:
+        return [m for chunk in self.chunks for m in chunk.modules() if isinstance(m, ReXMoERouter)]
+
+    @property
+    def dedup_dispatchers(self) -> list[DedupAllToAllDispatcher]:
+        """The rexmoe_dedup dispatchers (empty with megatron's own)."""
+        return find_dedup_dispatchers(self.chunks)
 
 
-def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpec]:
-    """One spec per transformer layer of the whole model (dense first-k, then ReXMoE layers).
-
-    Each MoE layer gets its own spec carrying its MoE index: megatron tells an MLP its layer number
-    only after construction, but the router's width and the bank depend on the layer's group."""
+def layer_templates(cfg: ExperimentConfig) -> tuple[ModuleSpec, ModuleSpec]:
+    """megatron's (dense, MoE) layer specs for the configured implementation."""
     qk = cfg.model.qk_layernorm
     if uses_transformer_engine(cfg):
         # TE attention (fused LN+QKV, TE core attention) and TEGroupedMLP experts; TENorm reads
@@ -155,19 +162,37 @@ def layer_specs(cfg: ExperimentConfig, context: ReXMoEContext) -> list[ModuleSpe
         moe_template = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
                                                 moe_grouped_gemm=False, normalization=norm,
                                                 qk_layernorm=qk)
-    plan = context.plan
+    return dense, moe_template
+
+
+def layer_specs(cfg: ExperimentConfig, runtimes: dict[int, ReuseGroupRuntime]) -> list[ModuleSpec]:
+    """One spec per transformer layer of the whole model (dense first-k, then ReXMoE layers); MoE
+    layers of groups without a runtime (not in this chunk) are never built, so get none.
+
+    Each MoE layer gets its own spec carrying its MoE index and its group's runtime: megatron tells an
+    MLP its layer number only after construction, but the router and the bank depend on the group."""
+    dense, moe_template = layer_templates(cfg)
+    plan = cfg.reuse_plan()
     specs = []
     for layer_number in range(1, cfg.model.num_layers + 1):
         if not plan.is_moe_layer(layer_number):
             specs.append(dense)
             continue
+        moe_layer = plan.moe_index(layer_number)
         moe = copy.deepcopy(moe_template)
+        runtime = runtimes.get(plan.group_of(moe_layer).index)
         moe.submodules.mlp = ModuleSpec(
-            module=ReXMoELayer,
-            params={"context": context, "moe_layer": plan.moe_index(layer_number)},
+            module=ReXMoELayer, params={"runtime": runtime, "moe_layer": moe_layer},
             submodules=moe.submodules.mlp.submodules)
         specs.append(moe)
     return specs
+
+
+def chunk_groups(cfg: ExperimentConfig, offset: int, count: int) -> list:
+    """The reuse groups whose MoE layers lie in transformer layers [offset, offset+count)."""
+    plan = cfg.reuse_plan()
+    moe_layers = {plan.moe_index(n) for n in range(offset + 1, offset + count + 1) if plan.is_moe_layer(n)}
+    return [g for g in plan.groups if set(g.moe_layers) & moe_layers]
 
 
 def final_layer_norm(cfg: ExperimentConfig, specs: list[ModuleSpec]):
@@ -189,13 +214,15 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor_model_parallel_size)
-    chunks, contexts = [], []
+    experts_spec = layer_templates(cfg)[1].submodules.mlp.submodules.experts
+    chunks, all_runtimes = [], []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        context = ReXMoEContext(plan=plan, rexmoe=cfg.rexmoe, psr_state=psr_state, banks=ExpertBanks(tc))
-        specs = layer_specs(cfg, context)
         offset = get_transformer_layer_offset(tc, vp_stage=stage)
         count = get_num_layers_to_build(tc, vp_stage=stage)
+        runtimes = build_group_runtimes(cfg, tc, plan, psr_state, experts_spec,
+                                        chunk_groups(cfg, offset, count))
+        specs = layer_specs(cfg, runtimes)
         block = TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
                                            layer_norm=final_layer_norm(cfg, specs))
         model = GPTModel(
@@ -210,7 +237,10 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
-        model.expert_banks = context.banks  # registered once, outside the layer stack
+        banks = ExpertBanks(tc)
+        for index, runtime in runtimes.items():
+            banks.add(index, runtime.bank)
+        model.expert_banks = banks  # registered once, outside the layer stack
         chunks.append(model)
-        contexts.append(context)
-    return ReXMoEModel(chunks, contexts, tc, psr_state, padded)
+        all_runtimes.append(runtimes)
+    return ReXMoEModel(chunks, all_runtimes, tc, psr_state, padded)

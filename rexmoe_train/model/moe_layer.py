@@ -2,28 +2,22 @@
 experts are the group's shared bank.
 
 Everything else — dispatch, expert compute, combine, shared experts — is megatron's MoELayer code.
-The layer's config is a shallow copy with ``num_moe_experts = r*N``: to the dispatcher, a reuse group
-is just an MoE layer with r times the experts, placed so each EP rank holds r*N/ep of them.
+What the group's layers share (placement, bank, balance state, dispatcher class, the layer config
+with ``num_moe_experts = r*N``) comes in one :class:`~rexmoe_train.model.runtime.ReuseGroupRuntime`
+built by ``build_model``: constructing a layer registers nothing anywhere and creates nothing shared.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection  # noqa: E402
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
-from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
-from rexmoe_train.core.psr import PSRState  # noqa: E402
-from rexmoe_train.core.reuse import ReusePlan  # noqa: E402
-from rexmoe_train.model.balance import GroupBalance, ScopedCounts  # noqa: E402
-from rexmoe_train.model.experts import ExpertBanks, bank_class  # noqa: E402
-from rexmoe_train.model.router import ReXMoERouter  # noqa: E402
-from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, DedupAllToAllDispatcher  # noqa: E402
+from rexmoe_train.model.router import ReXMoERouter
+from rexmoe_train.model.runtime import ReuseGroupRuntime
 
 
 class _KnownMLPType(logging.Filter):
@@ -36,72 +30,35 @@ class _KnownMLPType(logging.Filter):
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPType())
 
 
-@dataclass
-class ReXMoEContext:
-    """What the MoE layers of one model chunk share: the plan, the PSR step, the banks."""
-
-    plan: ReusePlan
-    rexmoe: ReXMoEConfig
-    psr_state: PSRState
-    banks: ExpertBanks
-    routers: list = field(default_factory=list)
-    group_balances: dict = field(default_factory=dict)
-
-
-def _not_built_here(*args, **kwargs):  # placeholder "experts" spec: the bank is built once per group
-    raise AssertionError("ReXMoELayer experts come from the group's ExpertBank")
+def _bank_placeholder(*args, **kwargs):
+    """The layer spec's "experts": megatron's build_module returns a plain function as is, and the
+    layer then points at its group's bank (built once, in build_model)."""
+    raise AssertionError("ReXMoELayer experts are the group's bank")
 
 
 class ReXMoELayer(MoELayer):
     def __init__(self, config, submodules: MoESubmodules = None, layer_number=None, pg_collection=None,
-                 *, context: ReXMoEContext, moe_layer: int) -> None:
+                 *, runtime: ReuseGroupRuntime, moe_layer: int) -> None:
         # TransformerLayer forwards pg_collection only to exact MoELayer instances; subclasses get the
         # global parallel_state groups, which is what this project uses.
         pg_collection = pg_collection or get_default_pg_collection()
-        plan = context.plan
-        group = plan.group_of(moe_layer)
-        placement = ExpertPlacement(group.experts_per_layer, group.size, pg_collection.ep.size())
-
-        layer_config = copy.copy(config)
-        layer_config.num_moe_experts = group.num_candidates
-        # Balance losses are the router's own (balance.py); megatron's would double count.
-        layer_config.moe_router_load_balancing_type = "none"
-        layer_config.moe_aux_loss_coeff = 0.0
-        # megatron's MoELayer rejects unknown dispatcher names: build it with alltoall, then swap.
-        dedup = config.moe_token_dispatcher_type == DEDUP_DISPATCHER
-        if dedup:
-            layer_config.moe_token_dispatcher_type = "alltoall"
-
-        balance = context.rexmoe.balance
-        group_balance = context.group_balances.get(group.index)
-        if group_balance is None:
-            from megatron.core import parallel_state
-
-            counts = ScopedCounts(balance.group_aux_scope, pg_collection.tp_cp,
-                                  parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
-            group_balance = GroupBalance(group.size, group.num_candidates, balance.group_aux_coeff, counts)
-            context.group_balances[group.index] = group_balance
-
-        experts_spec = submodules.experts
+        group = runtime.group
+        assert moe_layer in group.moe_layers, (moe_layer, group)
         submodules = replace(
             submodules,
-            experts=_not_built_here,
-            router=partial(ReXMoERouter, group=group, moe_layer=moe_layer, rexmoe=context.rexmoe,
-                           psr_state=context.psr_state, placement=placement,
-                           group_balance=group_balance),
+            experts=_bank_placeholder,
+            router=partial(ReXMoERouter, group=group, moe_layer=moe_layer, rexmoe=runtime.rexmoe,
+                           psr_state=runtime.psr_state, placement=runtime.placement,
+                           group_balance=runtime.balance),
         )
+        layer_config = runtime.layer_config
         super().__init__(layer_config, submodules, layer_number, pg_collection)
-        if dedup:
-            self.token_dispatcher = DedupAllToAllDispatcher(
+        if runtime.dispatcher_class is not None:
+            self.token_dispatcher = runtime.dispatcher_class(
                 self.num_local_experts, self.local_expert_indices, config=layer_config,
-                pg_collection=pg_collection, kernels=context.rexmoe.kernels)
-
-        bank = context.banks.get_or_build(group, lambda: bank_class(experts_spec.module)(
-            self.num_local_experts, layer_config, experts_spec.submodules, pg_collection,
-            group=group, placement=placement, num_moe_layers=plan.num_moe_layers))
+                pg_collection=pg_collection, kernels=runtime.rexmoe.kernels)
         # A plain attribute, not a registered submodule: the bank is registered once, on the model.
-        self.__dict__["experts"] = bank
+        self.__dict__["experts"] = runtime.bank
         self.moe_layer = moe_layer
         self.group = group
-        self.placement = placement
-        context.routers.append(self.router)
+        self.placement = runtime.placement

@@ -11,18 +11,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, get_capacity  # noqa: E402
-from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, get_capacity
+from megatron.core.transformer.moe.router import TopKRouter
 
-from rexmoe_train.config.schema import ReXMoEConfig  # noqa: E402
-from rexmoe_train.core.gating import gate  # noqa: E402
-from rexmoe_train.core.placement import ExpertPlacement  # noqa: E402
-from rexmoe_train.core.psr import PSRSchedule, PSRState  # noqa: E402
-from rexmoe_train.core.reuse import ReuseGroup  # noqa: E402
-from rexmoe_train.kernels._triton import use_triton  # noqa: E402
-from rexmoe_train.kernels.fused_router import fused_router  # noqa: E402
-from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss  # noqa: E402
+from rexmoe_train.config.schema import ReXMoEConfig
+from rexmoe_train.core.gating import gate
+from rexmoe_train.core.placement import ExpertPlacement
+from rexmoe_train.core.psr import PSRSchedule, PSRState
+from rexmoe_train.core.reuse import ReuseGroup
+from rexmoe_train.kernels._triton import use_triton
+from rexmoe_train.kernels.fused_router import fused_router
+from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss
 
 
 class ReXMoERouter(TopKRouter):

@@ -46,11 +46,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import all_to_all  # noqa: E402
-from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher  # noqa: E402
+from megatron.core.tensor_parallel import all_to_all
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from rexmoe_train import platform
-from rexmoe_train.kernels.dedup_permute import DedupPermuted, dedup_permute, dedup_unpermute  # noqa: E402
+from rexmoe_train.kernels.dedup_permute import DedupPermuted, dedup_permute, dedup_unpermute
 
 #: the parallel.moe_token_dispatcher_type value that selects this dispatcher
 DEDUP_DISPATCHER = "rexmoe_dedup"

@@ -11,11 +11,11 @@ import socket
 from datetime import timedelta
 
 import torch.distributed as dist
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from rexmoe_train import platform
-from rexmoe_train.config.schema import ParallelConfig  # noqa: E402
+from rexmoe_train.config.schema import ParallelConfig
 
 
 def _free_port() -> int:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 from rexmoe_train import platform
-from rexmoe_train.core.psr import PSRSchedule, psr_allowed_mask  # noqa: E402
-from rexmoe_train.model.balance import load_violation  # noqa: E402
+from rexmoe_train.core.psr import PSRSchedule, psr_allowed_mask
+from rexmoe_train.model.balance import load_violation
 
 BALANCE_TERMS = ("load_balancing_loss", "group_load_balancing_loss", "z_loss")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
-from megatron.core.transformer.module import Float16Module  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
-from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
+from rexmoe_train.config.schema import ExperimentConfig
 
 
 def wrap_for_training(cfg: ExperimentConfig, chunks: list, tc) -> list:

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from rexmoe_train.checkpoint.layout import write_durable
+
 
 class RunLogger:
     def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, start_step: int = 0,
@@ -84,3 +86,21 @@ class RunLogger:
             self._metrics.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def trim_metrics(run_dir: str, step: int) -> None:
+    """On resume, drop metrics.jsonl records past the checkpoint's step (they will be redone), so the
+    file reads as if the run had never stopped. Rank 0 only."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line torn by the kill: drop it
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    write_durable(tmp, "".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -18,19 +18,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.distributed import finalize_model_grads  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from rexmoe_train import platform
-from rexmoe_train.config.schema import ExperimentConfig  # noqa: E402
-from rexmoe_train.data import micro_batches, valid_batches  # noqa: E402
-from rexmoe_train.data.sources import build_datasets  # noqa: E402
-from rexmoe_train.model.gpt import build_model  # noqa: E402
-from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, find_dedup_dispatchers  # noqa: E402
-from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
-from rexmoe_train.training import checkpoint  # noqa: E402
-from rexmoe_train.training.metrics import (  # noqa: E402
+from rexmoe_train.checkpoint.manager import CheckpointManager, NonFiniteWeights
+from rexmoe_train.checkpoint.state import TrainState
+from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.data import micro_batches, valid_batches
+from rexmoe_train.data.sources import build_datasets
+from rexmoe_train.model.gpt import build_model
+from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel
+from rexmoe_train.training import guard
+from rexmoe_train.training.metrics import (
     balance_losses,
     collapsed_groups,
     dispatch_bytes,
@@ -38,8 +40,8 @@ from rexmoe_train.training.metrics import (  # noqa: E402
     router_load,
     throughput,
 )
-from rexmoe_train.training.optim import build_optimizer, wrap_for_training  # noqa: E402
-from rexmoe_train.training.run_logger import RunLogger  # noqa: E402
+from rexmoe_train.training.optim import build_optimizer, wrap_for_training
+from rexmoe_train.training.run_logger import RunLogger, trim_metrics
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -62,8 +64,21 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, resolved_config: Optional[dict] = None) -> None:
         self.cfg = cfg
         self.start_time = time.monotonic()
+        # First, before anything slow: a SIGTERM during start-up must end in the save-and-exit-75 path
+        # (run() checks the flag before the first evaluation and step), not kill the process.
+        self.signals = guard.StopSignals(cfg.checkpoint.exit_signal_handler,
+                                         cfg.checkpoint.exit_duration_mins, self.start_time)
+        self.signals.install()
+        self.state = TrainState()
+        try:
+            self._build(cfg, resolved_config)
+        except BaseException:
+            self.signals.uninstall()
+            raise
+
+    def _build(self, cfg: ExperimentConfig, resolved_config: Optional[dict]) -> None:
         self.rank, self.world_size = init_distributed()
-        cfg.validate(self.world_size)
+        cfg.validate(self.world_size).check_machine()
         init_model_parallel(cfg.parallel, cfg.train.seed)
         t = cfg.train
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -76,7 +91,7 @@ class Trainer:
         self.vocab_size = cfg.model.vocab_size or int(self.data_info["vocab_size"])
 
         self.model = build_model(cfg, self.vocab_size)
-        self.dispatchers = find_dedup_dispatchers(self.model.chunks)  # [] unless rexmoe_dedup
+        self.dispatchers = self.model.dedup_dispatchers  # [] unless rexmoe_dedup
         tc = self.model.config
         self.chunks = wrap_for_training(cfg, self.model.chunks, tc)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, tc)
@@ -84,27 +99,61 @@ class Trainer:
         tc.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         init_aux_loss_tracker(cfg.model.num_layers)
         self.forward_backward = get_forward_backward_func()
-        self.step = 0
         self._collapse_streak: dict[int, int] = {}
-        self.skipped_steps = 0  # steps skipped by the numerics guard (non-finite loss / grads)
-        self.last_saved_step: Optional[int] = None
-        self.exit_code = 0  # checkpoint.EXIT_PREEMPTED after a signal / the time budget
+        self.exit_code = 0  # guard.EXIT_PREEMPTED after a signal / the time budget
         self.resolved_config = resolved_config
-        # Resume before the run dir is touched: a bad checkpoint fails here and writes nothing.
-        resumed = checkpoint.load_checkpoint(self)
-        if resumed and self.rank == 0:
-            checkpoint.trim_metrics(cfg.run.dir, self.step)
-        self.signals = checkpoint.StopSignals(cfg.checkpoint.exit_signal_handler,
-                                              cfg.checkpoint.exit_duration_mins, self.start_time)
         self.stop_reason: Optional[str] = None
+        self.checkpoints = CheckpointManager(
+            cfg, train_state=self.state, chunks=self.model.chunks, optimizer=self.optimizer,
+            scheduler=self.scheduler, vocab_size=self.vocab_size, padded_vocab_size=self.model.vocab_size,
+            resolved_config=resolved_config, log=self._log)
+        # Resume before the run dir is touched: a bad checkpoint fails here and writes nothing.
+        resumed = self.checkpoints.load()
+        if resumed and self.rank == 0:
+            trim_metrics(cfg.run.dir, self.step)
         self.logger = RunLogger(
             cfg.run.dir, enabled=self.rank == 0, total_steps=t.train_iters, start_step=self.step,
             progress=cfg.run.progress, wandb_cfg=cfg.run.wandb, resolved_config=resolved_config)
         self.logger.write_json("data.json", self.data_info)
         self.logger.write_json("model.json", self.describe())
         if resumed:
-            self.logger.message(f"[checkpoint] resumed from {resumed['path']} at step {self.step}"
-                                + "".join(f"; {note}" for note in resumed["notes"]))
+            self.logger.message(f"[checkpoint] resumed from {resumed.path} at step {self.step}"
+                                + "".join(f"; {note}" for note in resumed.notes))
+
+    # the run's counters live in the checkpointed TrainState
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.state.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.state.skipped_steps = value
+
+    @property
+    def last_saved_step(self) -> Optional[int]:
+        return self.state.last_saved_step
+
+    def _log(self, message: str) -> None:
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.message(message)
+        elif self.rank == 0:
+            print(message, flush=True)
+
+    def save_checkpoint(self):
+        """Save the current step (collective). Non-finite weights halt the run instead."""
+        try:
+            return self.checkpoints.save()
+        except NonFiniteWeights as err:
+            raise guard.TrainingHalted(str(err)) from None
 
     # ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -186,8 +235,8 @@ class Trainer:
             forward_only=False,
         )
         # Numerics guard + pre-emption check: one all_reduce(MAX) so every rank decides alike.
-        bad, signalled, out_of_time = checkpoint.step_flags(
-            checkpoint.local_step_is_bad(losses, self.chunks), self.signals)
+        bad, signalled, out_of_time = guard.step_flags(
+            guard.local_step_is_bad(losses, self.chunks), self.signals)
         if signalled or out_of_time:
             self.stop_reason = "signal" if signalled else "checkpoint.exit_duration_mins"
         success, grad_norm = False, None
@@ -253,36 +302,56 @@ class Trainer:
 
     def run(self) -> list[dict]:
         t = self.cfg.train
-        history = []
-        if self.step == 0:  # the untrained model's validation loss: the baseline the curve falls from
-            record = {"step": 0, "consumed_samples": 0, "val_loss": self.evaluate()}
-            self.logger.log(record)
-            history.append(record)
-        self._set_mode(True)
+        history: list[dict] = []
         ck = self.cfg.checkpoint
-        self.signals.install()
+        self.signals.install()  # again: a Trainer built earlier in this process may have uninstalled
         try:
+            if self._stop_before_training():
+                return history
+            if self.step == 0:  # the untrained model's validation loss: the baseline the curve falls from
+                record = {"step": 0, "consumed_samples": 0, "val_loss": self.evaluate()}
+                self.logger.log(record)
+                history.append(record)
+                if self._stop_before_training():
+                    return history
+            self._set_mode(True)
             while self.step < t.train_iters:
                 self._one_step(history)
                 if self.skipped_steps > ck.max_skipped_steps:
-                    raise checkpoint.TrainingHalted(
+                    raise guard.TrainingHalted(
                         f"halted at step {self.step}: {self.skipped_steps} steps skipped for a "
                         f"non-finite loss or grad norm (checkpoint.max_skipped_steps="
                         f"{ck.max_skipped_steps}); last checkpoint: step {self.last_saved_step}")
                 if self.stop_reason and self.step < t.train_iters:
-                    checkpoint.save_checkpoint(self)
-                    self.exit_code = checkpoint.EXIT_PREEMPTED
+                    self.save_checkpoint()
+                    self.exit_code = guard.EXIT_PREEMPTED
                     self.logger.message(f"[checkpoint] stopping at step {self.step} "
                                         f"({self.stop_reason}); exit {self.exit_code}: resume to continue")
                     break
                 if ck.save_interval and self.step % ck.save_interval == 0:
-                    checkpoint.save_checkpoint(self)
+                    self.save_checkpoint()
             if self.step >= t.train_iters and self.last_saved_step != self.step:
-                checkpoint.save_checkpoint(self)
+                self.save_checkpoint()
         finally:
             self.signals.uninstall()
             self.logger.close()
         return history
+
+    def _stop_before_training(self) -> bool:
+        """A signal that arrived during start-up or the step-0 evaluation: exit 75 as a pre-emption
+        does, saving first only if there is a step the disk does not hold. (The time budget is only
+        checked after a step: a budget spent by start-up alone must still make progress, or a
+        requeued job would loop without ever training.)"""
+        signalled, _ = guard.stop_requested(self.signals)
+        if not signalled:
+            return False
+        self.stop_reason = "signal"
+        if self.step and self.last_saved_step != self.step:
+            self.save_checkpoint()
+        self.exit_code = guard.EXIT_PREEMPTED
+        self.logger.message(f"[checkpoint] stopping before training resumed at step {self.step} "
+                            f"({self.stop_reason}); exit {self.exit_code}: run again to continue")
+        return True
 
     def _one_step(self, history: list) -> None:
         t = self.cfg.train

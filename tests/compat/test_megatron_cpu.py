@@ -81,9 +81,9 @@ def test_install_outside_the_range_is_one_line(tmp_path):
     dist = tmp_path / "megatron_core-0.17.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: megatron-core\nVersion: 0.17.0\n")
-    code = ("import sys, torch\nsys.path.insert(0, %r)\nfrom rexmoe_train import compat\n"
+    code = (f"import sys, torch\nsys.path.insert(0, {str(tmp_path)!r})\nfrom rexmoe_train import compat\n"
             "zeros = torch.zeros\ntry:\n    compat.install()\nexcept compat.CompatError as e:\n"
-            "    print(e)\nassert torch.zeros is zeros and not compat.installed()\n") % str(tmp_path)
+            "    print(e)\nassert torch.zeros is zeros and not compat.installed()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == ("megatron-core 0.17.0 is not supported: rexmoe-train needs >=0.16.1,<0.17 "

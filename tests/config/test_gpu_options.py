@@ -30,27 +30,37 @@ def test_bad_values(overrides, field, fragment):
 
 
 @pytest.mark.skipif(not NO_TE, reason="Transformer Engine on a GPU is present")
-def test_cpu_rejects_te_and_fp8_in_one_line():
-    assert "needs Transformer Engine on a GPU" in _error({"train": {"fp8": "hybrid"}})
-    assert "needs Transformer Engine on a GPU" in _error({"model": {"transformer_impl": "transformer_engine"}})
+def test_cpu_rejects_te_and_fp8_in_one_line_when_training_starts():
+    """validate() is pure (a laptop can dry-run a GPU config); check_machine() is what refuses."""
+    for overrides in ({"train": {"fp8": "hybrid"}}, {"model": {"transformer_impl": "transformer_engine"}}):
+        cfg = experiment_from_dict(overrides).validate()
+        with pytest.raises(ConfigError) as exc:
+            cfg.check_machine()
+        assert "needs Transformer Engine on a GPU" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_fp8_with_the_local_impl_is_refused_by_validate():
+    message = _error({"train": {"fp8": "hybrid"}, "model": {"transformer_impl": "local"}})
+    assert message.startswith("config error: train.fp8='hybrid'") and "transformer_impl" in message
     cfg = ExperimentConfig().validate()
     assert cfg.model.transformer_impl == "auto" and cfg.model.resolved_transformer_impl() == "local"
     if not platform.HAS_CUDA:  # the platform answers both GPU questions with False on CPU
         assert platform.has_transformer_engine() is False and platform.has_triton_gpu() is False
 
 
-def test_model_yamls_carry_the_key():
-    import glob
-    import os
+def test_every_packaged_model_composes_to_auto_and_no_fp8():
+    from importlib.resources import files
 
-    from omegaconf import OmegaConf
+    from rexmoe_train.config.compose import compose_experiment
 
-    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-    for path in glob.glob(os.path.join(root, "model", "*.yaml")):
-        assert OmegaConf.load(path).model.transformer_impl == "auto", path
-    for path in glob.glob(os.path.join(root, "train", "*.yaml")):
-        train = OmegaConf.load(path)
-        assert train.fp8 is None and train.fp8_recipe == "delayed", path
+    models = sorted(p.name[:-5] for p in files("rexmoe_train.configs").joinpath("model").iterdir()
+                    if p.name.endswith(".yaml"))
+    assert "tiny" in models and "rexmoe_2.3b_se" in models
+    for model in models:
+        for train in ("tiny_cpu", "paper"):
+            cfg = compose_experiment([f"model={model}", f"train={train}"]).experiment
+            assert cfg.model.transformer_impl == "auto", model
+            assert cfg.train.fp8 is None and cfg.train.fp8_recipe == "delayed", (model, train)
 
 
 @pytest.mark.skipif(not NO_TE, reason="Transformer Engine on a GPU is present")
@@ -74,14 +84,12 @@ def test_te_layer_specs_on_gpu():
         pytest.skip("transformer_engine not importable")
     from megatron.core.transformer.moe.experts import TEGroupedMLP
 
-    from rexmoe_train.model.gpt import fp8_fields, layer_specs, transformer_config
-    from rexmoe_train.model.moe_layer import ReXMoEContext
+    from rexmoe_train.model.gpt import fp8_fields, layer_templates, transformer_config
 
     cfg = experiment_from_dict({"model": {"transformer_impl": "transformer_engine"},
                                 "train": {"fp8": "hybrid"}}).validate()
     assert transformer_config(cfg).moe_grouped_gemm is True
     assert fp8_fields(cfg)["fp8"] == "hybrid"
 
-    context = ReXMoEContext(plan=cfg.reuse_plan(), rexmoe=cfg.rexmoe, psr_state=None, banks=None)
-    spec = layer_specs(cfg, context)[0]
+    spec = layer_templates(cfg)[1]
     assert spec.submodules.mlp.submodules.experts.module is TEGroupedMLP

@@ -53,7 +53,7 @@ def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = T
     reference for step 5 of layouts that cannot load the optimizer state (ep > 1).
 
     Every rank gets {"ckpt", "straight": summary, "fresh": summary or None}."""
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
     from tests.training.test_checkpoint import cli, finish
 
     ckpt = base / "one" / "checkpoints" / checkpoint.iter_name(3)

@@ -34,7 +34,7 @@ def _losses(history) -> dict[int, float]:
     ("pp2_vpp2", False),  # two model chunks per rank: keys model0/model1, loaded in one call
 ])
 def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
 
     base = _shared_dir()
 
@@ -149,7 +149,7 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_references, 
     cfg.checkpoint.load, cfg.checkpoint.save = str(ckpt), None
     cfg.run.dir = str(base / layout)
     if not with_optimizer:
-        from rexmoe_train.training.checkpoint import CheckpointError
+        from rexmoe_train.checkpoint import CheckpointError
 
         with pytest.raises(CheckpointError, match="set checkpoint.load_optimizer=false"):
             _trainer(cfg)

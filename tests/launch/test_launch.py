@@ -37,3 +37,20 @@ def test_two_process_expert_parallel_run(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert json.loads((run_dir / "model.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["rexmoe.gating=softmax"], "config error: rexmoe.gating='softmax'"),
+    (["train.lrr=1"], "config error: unknown field 'train.lrr'"),
+    (["model=nope"], "config error: model='nope': must be one of"),
+    (["parallel.expert_model_parallel_size=3"], "parallel.expert_model_parallel_size=3"),
+    (["train.global_batch_size=6", "train.micro_batch_size=2"], "train.global_batch_size=6"),  # layout, 2 ranks
+])
+def test_torchrun_sh_config_error_is_one_line_exit_2(overrides, needle):
+    """Checked once before torchrun starts: no per-rank copies, no ChildFailedError report."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), "2", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and needle in lines[0], lines

@@ -15,9 +15,9 @@ def _pair(cfg):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from rexmoe_train.core.psr import PSRState
-    from rexmoe_train.model.experts import ExpertBanks
     from rexmoe_train.model.gpt import transformer_config
-    from rexmoe_train.model.moe_layer import ReXMoEContext, ReXMoELayer
+    from rexmoe_train.model.moe_layer import ReXMoELayer
+    from rexmoe_train.model.runtime import build_group_runtimes
 
     tc = transformer_config(cfg)
     submodules = get_gpt_layer_local_spec(num_experts=cfg.model.num_moe_experts,
@@ -26,9 +26,9 @@ def _pair(cfg):
     stock_cfg.moe_router_load_balancing_type = "aux_loss"
     stock_cfg.moe_aux_loss_coeff = cfg.rexmoe.balance.layer_aux_coeff
     stock = MoELayer(stock_cfg, copy.deepcopy(submodules), layer_number=1)
-    ctx = ReXMoEContext(plan=cfg.reuse_plan(), rexmoe=cfg.rexmoe, psr_state=PSRState(0),
-                        banks=ExpertBanks(tc))
-    ours = ReXMoELayer(tc, copy.deepcopy(submodules), layer_number=1, context=ctx, moe_layer=0)
+    plan = cfg.reuse_plan()
+    runtime = build_group_runtimes(cfg, tc, plan, PSRState(0), submodules.experts, plan.groups[:1])[0]
+    ours = ReXMoELayer(tc, copy.deepcopy(submodules), layer_number=1, runtime=runtime, moe_layer=0)
     for layer in (stock, ours):
         layer.set_layer_number(1)
     with torch.no_grad():

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from rexmoe_train.config.schema import experiment_from_dict
+from rexmoe_train.config.compose import compose_experiment
 from rexmoe_train.tools.dry_run import describe, parameter_counts
 from tests.helpers import tiny_config
 
-CONFIGS = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs")
-
 
 def compose_config(*overrides: str):
-    with initialize_config_dir(CONFIGS, version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    data = OmegaConf.to_container(cfg, resolve=False)
-    data["run"]["dir"] = "unused"
-    return experiment_from_dict(data)
+    return compose_experiment([*overrides, "run.dir=unused"]).experiment
 
 
 @pytest.mark.parametrize("r,dense,shared", [(4, 0, None), (2, 2, 32), (1, 0, None)])

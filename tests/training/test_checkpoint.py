@@ -30,9 +30,10 @@ TINY = ["model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_lengt
         "rexmoe.psr.start_step=1", "rexmoe.psr.end_step=6"]
 
 
-def cli(*overrides: str, env_extra: dict | None = None, log: Path) -> subprocess.Popen:
+def cli(*overrides: str, env_extra: dict | None = None, log: Path, kill_at: str | None = None) -> subprocess.Popen:
     """The real CLI in its own session; output to files (a SIGKILLed trainer leaves megatron's
-    checkpoint-writer helper processes behind, which would hold pipes open)."""
+    checkpoint-writer helper processes behind, which would hold pipes open). ``kill_at``
+    ("point@step") runs it through tests/training/_fault_cli.py, which SIGKILLs it there."""
     # a world of its own, also when started from a torchrun worker (tests/dist)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
@@ -40,7 +41,9 @@ def cli(*overrides: str, env_extra: dict | None = None, log: Path) -> subprocess
            and not k.startswith("TORCHELASTIC_")}
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "rexmoe_train.cli.train", *TINY, *overrides],
+    entry = ["-m", "rexmoe_train.cli.train"] if kill_at is None else [
+        str(Path(__file__).with_name("_fault_cli.py")), kill_at]
+    proc = subprocess.Popen([sys.executable, *entry, *TINY, *overrides],
                             cwd=REPO, env=env, stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"),
                             start_new_session=True)
     proc.log = log
@@ -93,7 +96,7 @@ def make_trainer(cfg):
 # resume: bitwise identical losses across the PSR ramp
 # --------------------------------------------------------------------------------------------------
 def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path):
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
 
     straight = make_trainer(ramp_config(tmp_path / "a", save_interval=3, keep_last_n=None))
     straight.run()
@@ -117,11 +120,12 @@ def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path):
 
 
 def test_exit_duration_saves_and_returns_75(megatron_world, tmp_path):
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
+    from rexmoe_train.training import guard
 
     trainer = make_trainer(ramp_config(tmp_path / "run", exit_duration_mins=1e-9))
     trainer.run()
-    assert trainer.exit_code == checkpoint.EXIT_PREEMPTED == 75
+    assert trainer.exit_code == guard.EXIT_PREEMPTED == 75
     assert trainer.step == 1 and trainer.stop_reason == "checkpoint.exit_duration_mins"
     root = tmp_path / "run" / "checkpoints"
     assert (root / checkpoint.TRACKER).read_text().strip() == "1"
@@ -134,7 +138,7 @@ def test_exit_duration_saves_and_returns_75(megatron_world, tmp_path):
 def test_nonfinite_steps_are_skipped_then_halt(megatron_world, tmp_path, monkeypatch):
     import torch
 
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train.training import guard
     from rexmoe_train.training import trainer as trainer_mod
 
     bad_loss_steps, bad_grad_steps = {2, 5}, {4}  # NaN loss; finite loss but an inf gradient
@@ -170,7 +174,7 @@ def test_nonfinite_steps_are_skipped_then_halt(megatron_world, tmp_path, monkeyp
         return original_step()
 
     trainer.train_step = tracked_step
-    with pytest.raises(checkpoint.TrainingHalted, match=r"max_skipped_steps=2"):
+    with pytest.raises(guard.TrainingHalted, match=r"max_skipped_steps=2"):
         trainer.run()
     assert trainer.step == 5 and trainer.skipped_steps == 3
     records = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -190,7 +194,7 @@ def test_nonfinite_steps_are_skipped_then_halt(megatron_world, tmp_path, monkeyp
 def test_never_saves_nonfinite_weights(megatron_world, tmp_path):
     import torch
 
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train.training import guard
 
     trainer = make_trainer(ramp_config(tmp_path / "run", train_iters=2))
     trainer.run()
@@ -199,8 +203,8 @@ def test_never_saves_nonfinite_weights(megatron_world, tmp_path):
     with torch.no_grad():
         next(trainer.model.chunks[0].parameters()).view(-1)[0] = float("inf")
     trainer.step = 1  # pretend: a new step to save
-    with pytest.raises(checkpoint.TrainingHalted, match="not finite"):
-        checkpoint.save_checkpoint(trainer)
+    with pytest.raises(guard.TrainingHalted, match="not finite"):
+        trainer.save_checkpoint()
     assert snapshot(root) == before
 
 
@@ -338,8 +342,9 @@ def _variant(run_dir: Path, load: Path, experts=8, r=4, hidden=64, layers=4, tra
 
 @pytest.mark.parametrize("name,breaker,variant,needle", BAD_CHECKPOINTS, ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_bad_checkpoint_rejected_before_load(saved_checkpoint, tmp_path, name, breaker, variant, needle):
-    """Runs the checks load_checkpoint runs on rank 0 before dist_checkpointing.load."""
-    from rexmoe_train.training import checkpoint
+    """Runs the checks CheckpointManager.load runs on rank 0 before dist_checkpointing.load."""
+    from rexmoe_train import checkpoint
+    from rexmoe_train.checkpoint import compatibility
 
     source, vocab = saved_checkpoint
     root = tmp_path / "ckpt"
@@ -351,7 +356,7 @@ def test_bad_checkpoint_rejected_before_load(saved_checkpoint, tmp_path, name, b
     with pytest.raises(checkpoint.CheckpointError) as err:
         ckpt = checkpoint.locate(cfg)
         # the tiny model's optimizer chain: dense + experts (what the trainer passes in)
-        checkpoint.validate_for_load(cfg, ckpt, vocab, 1, optimizer_chain=2)
+        compatibility.validate_for_load(cfg, ckpt, vocab, 1, optimizer_chain=2)
     message = str(err.value)
     assert needle in message and "\n" not in message, message
     assert snapshot(root) == before and not (tmp_path / "run").exists()
@@ -359,7 +364,7 @@ def test_bad_checkpoint_rejected_before_load(saved_checkpoint, tmp_path, name, b
 
 @pytest.mark.parametrize("name,path_of,needle", BAD_LOAD_PATHS, ids=[c[0] for c in BAD_LOAD_PATHS])
 def test_bad_load_path(tmp_path, name, path_of, needle):
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
 
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "empty").mkdir()
@@ -371,7 +376,7 @@ def test_bad_load_path(tmp_path, name, path_of, needle):
 
 def test_mismatched_checkpoint_through_trainer_writes_nothing(megatron_world, saved_checkpoint, tmp_path):
     """The whole Trainer path: the error comes before the run dir is created."""
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
 
     source, _ = saved_checkpoint
     before = snapshot(source)
@@ -385,7 +390,7 @@ def test_mismatched_checkpoint_through_trainer_writes_nothing(megatron_world, sa
 # the real CLI: exit 2 on a bad checkpoint, SIGKILL inside a save, SIGTERM mid-run
 # --------------------------------------------------------------------------------------------------
 # Where the step-4 save is killed, and the step the pointer must name afterwards. (Every point of
-# checkpoint.KILL_POINTS works; four keep the test short: shards half-way, renamed but not pointed
+# checkpoint.manager.SAVE_POINTS works; four keep the test short: shards half-way, renamed but not pointed
 # to, pointer temp file written but not renamed, pruning half-way.)
 # REXMOE_TEST_KILL_POINTS=all (or a comma list) tries others (docs/reliability.md lists the runs).
 KILL_POINTS = os.environ.get("REXMOE_TEST_KILL_POINTS", "after_shards,after_rename,pointer_tmp,mid_prune").split(",")
@@ -396,17 +401,18 @@ POINTER_AFTER_KILL = {"start": 2, "after_shards": 2, "after_meta": 2, "before_re
 def test_cli_sigkill_during_save_keeps_a_valid_checkpoint(megatron_world, tmp_path):
     """Each run saves at step 2, then is SIGKILLed at one point of the step-4 save. The pointer must
     name a complete checkpoint that loads; a later save in the same dir must still work."""
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
+    from rexmoe_train.checkpoint.manager import SAVE_POINTS
 
     global KILL_POINTS
     if KILL_POINTS == ["all"]:
-        KILL_POINTS = list(checkpoint.KILL_POINTS)
+        KILL_POINTS = list(SAVE_POINTS)
 
     procs = {}
     for point in KILL_POINTS:  # in parallel: each process mostly waits on its imports
         procs[point] = cli("train.train_iters=6", "checkpoint.save_interval=2", "checkpoint.keep_last_n=1",
                            f"run.dir={tmp_path / point}", log=tmp_path / "logs" / point,
-                           env_extra={checkpoint.KILL_ENV: f"{point}@4"})
+                           kill_at=f"{point}@4")
     for point, proc in procs.items():
         rc, out, err = finish(proc)
         assert rc == -signal.SIGKILL, (point, rc, err[-2000:])
@@ -439,7 +445,8 @@ def _cli_equivalent(run_dir: Path, train_iters: int):
 
 
 def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
-    from rexmoe_train.training import checkpoint
+    from rexmoe_train import checkpoint
+    from rexmoe_train.training import guard
 
     common = ["train.train_iters=8"]
     straight = cli(*common, f"run.dir={tmp_path / 'straight'}", log=tmp_path / "logs" / "straight")
@@ -452,7 +459,7 @@ def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
         time.sleep(0.05)
     stopped.send_signal(signal.SIGTERM)
     rc, out, err = finish(stopped)
-    assert rc == checkpoint.EXIT_PREEMPTED, err[-3000:]
+    assert rc == guard.EXIT_PREEMPTED, err[-3000:]
     root = tmp_path / "stopped" / "checkpoints"
     k = checkpoint.read_tracker(root)
     assert 2 <= k < 8, k

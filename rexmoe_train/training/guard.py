@@ -1,0 +1,88 @@
+"""Pre-emption and the numerics guard: what ends or skips a step, decided alike on every rank.
+
+- SIGTERM / SIGUSR1 (or the wall-clock budget ``checkpoint.exit_duration_mins``) set a flag; the
+  trainer saves at the next step boundary and exits 75 (``EXIT_PREEMPTED``: launch/slurm.sbatch
+  requeues). The handlers are installed before anything slow, so a signal during start-up (model
+  build, the step-0 evaluation) ends the run cleanly too.
+- A step whose loss or gradients are not finite is skipped (weights and LR schedule untouched);
+  more than ``checkpoint.max_skipped_steps`` of them halt the run (``EXIT_HALTED``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from rexmoe_train import platform
+
+EXIT_PREEMPTED = 75  # pre-empted (signal) or out of time: checkpoint saved, requeue me
+EXIT_HALTED = 3  # too many non-finite steps
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on purpose (too many non-finite steps, weights not finite). One line."""
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 set a flag; the trainer acts on it at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, enabled: bool, exit_duration_mins: Optional[float], start_time: float) -> None:
+        self.enabled = enabled
+        self.deadline = None if exit_duration_mins is None else start_time + 60.0 * exit_duration_mins
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signum
+
+    def install(self) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def local_flags(self) -> tuple[bool, bool]:
+        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+        return self.received is not None, out_of_time
+
+
+def local_step_is_bad(losses: list, chunks: list) -> bool:
+    """This rank's view: a non-finite micro-batch loss (last stage) or a non-finite gradient in the
+    DDP grad buffers (after the DP reduction)."""
+    for d in losses or []:
+        if "lm loss" in d and not bool(torch.isfinite(torch.as_tensor(d["lm loss"])).all()):
+            return True
+    for chunk in chunks:
+        for buf in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            if not bool(torch.isfinite(buf.grad_data).all()):
+                return True
+    return False
+
+
+def step_flags(bad: bool, signals: StopSignals) -> tuple[bool, bool, bool]:
+    """All ranks agree (all_reduce MAX) on: skip this step, a signal arrived, out of time."""
+    signalled, out_of_time = signals.local_flags()
+    t = torch.tensor([float(bad), float(signalled), float(out_of_time)], device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] > 0), bool(t[1] > 0), bool(t[2] > 0)
+
+
+
+def stop_requested(signals: StopSignals) -> tuple[bool, bool]:
+    """All ranks agree (all_reduce MAX) on: a signal arrived, out of time. Outside a step."""
+    signalled, out_of_time = signals.local_flags()
+    t = torch.tensor([float(signalled), float(out_of_time)], device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] > 0), bool(t[1] > 0)
