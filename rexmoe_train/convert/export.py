@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from rexmoe_train.config.schema import ExperimentConfig
 from rexmoe_train.convert.hf_format import (
@@ -52,6 +51,8 @@ def _write_shards(out: Path, shards: Iterable[tuple[str, Iterable]], total: int,
                   progress: bool, dtype: Optional[torch.dtype] = None) -> dict:
     """Write each (label, tensors) as one safetensors file. ``shards`` may be lazy: a streamed source
     reads a part only when its shard is written, and nothing of a shard outlives its file."""
+    from tqdm import tqdm  # here, not at module level: importing rexmoe_train must not need tqdm
+
     weight_map, written = {}, 0
     bar = tqdm(total=total, desc="export", unit="shard", disable=not progress)
     try:

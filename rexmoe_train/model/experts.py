@@ -93,16 +93,34 @@ if TEGroupedMLP is not None:
         """The bank on the Transformer Engine path: one TE GroupedLinear pair for all r*N/ep local
         slots (one grouped GEMM per projection instead of a Python loop over experts).
 
-        Each slot is still ONE parameter pair (``linear_fc1.weight<slot>``...) called by the r routers
-        of the group, so TE casts it to fp8 once per step however many layers reuse it (see
-        docs/architecture.md, "GPU path"). Checkpoint keys and offsets are the local bank's
-        (``experts.linear_fc1.weight`` over [num_moe_layers, N]), so checkpoints move between
-        ``transformer_impl=local`` and ``transformer_engine``; TE's fp8 metadata (``_extra_state``)
-        is saved per (group, EP rank), i.e. it does not survive an EP-size change.
-        Not exercised in CI (TE needs a GPU)."""
+        Each slot is still ONE parameter pair (``linear_fc1.weight<slot>``...) that the r layers of
+        the group call, i.e. each GroupedLinear runs r times per micro-batch forward. What TE does
+        with that (TE 2.11 source, docs/gpu.md): under fp8 the weight is cast once per optimizer
+        step, however many layers reuse it, only because megatron's schedule sets
+        ``is_first_microbatch`` on the first micro-batch (the first of the r calls casts and caches,
+        the other calls and micro-batches reuse the cache); with ``is_first_microbatch=None``
+        (``disable_parameter_transpose_cache``, or a forward outside the schedule) every call casts,
+        r times per micro-batch. Delayed scaling keeps one amax slot per GEMM for all r calls: the
+        history records the max over the r layers' inputs, and one scale serves them all.
+        ``gradient_accumulation_fusion`` is refused for r > 1 (see ``__init__``).
+
+        Checkpoint keys and offsets are the local bank's (``experts.linear_fc1.weight`` over
+        [num_moe_layers, N]), so checkpoints move between ``transformer_impl=local`` and
+        ``transformer_engine``; TE's fp8 metadata (``_extra_state``) is saved per (group, EP rank),
+        i.e. it does not survive an EP-size change. Not exercised in CI (TE needs a GPU)."""
 
         def __init__(self, num_local_experts, config, submodules, pg_collection, *,
                      group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
+            # With fused wgrad accumulation TE writes a call's weight gradient straight into
+            # main_grad, and a call made with is_first_microbatch=True OVERWRITES it instead of
+            # adding (TE 2.11 grouped_linear.py:373-378, 419-420, 460-464). Here that call is the
+            # group's first layer, whose backward runs last: it would discard the other r-1 layers'
+            # gradients of the first micro-batch. Checked before building, so it fails without TE too.
+            if getattr(config, "gradient_accumulation_fusion", False) and group.size > 1:
+                raise ValueError(
+                    f"reuse group {group.index} (r={group.size}) on the Transformer Engine bank cannot "
+                    "use gradient_accumulation_fusion: TE would overwrite the gradient of the reused "
+                    "experts on each step's first micro-batch (docs/gpu.md)")
             super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
             self._bind_group(num_local_experts, group, placement, num_moe_layers)
             self.expt_dp_group = pg_collection.expt_dp

@@ -2,6 +2,9 @@
 
 Only global rank 0 writes. metrics.jsonl holds one JSON object per logged step (and one per
 evaluation), so a run can be plotted or compared with nothing but the standard library.
+
+wandb and tqdm are imported only when used, so a machine without them (the GPU check kit carries
+neither) trains with ``run.wandb.mode=disabled``; without tqdm the run just has no progress bar.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-from tqdm import tqdm
 
 from rexmoe_train.checkpoint.layout import write_durable
 
@@ -38,7 +39,14 @@ class RunLogger:
         if resolved_config is not None:
             self.write_yaml("config.yaml", resolved_config)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                from rexmoe_train.config.schema import ConfigError
+
+                raise ConfigError(f"config error: run.wandb.mode={wandb_cfg.mode!r} needs the wandb "
+                                  "package, which is not installed: pip install wandb, or set "
+                                  "run.wandb.mode=disabled") from None
 
             # silent: wandb's banner would bury the progress bar; nothing secret is ever passed here
             # (offline needs no key; online reads the user's own login, never our config)
@@ -46,6 +54,11 @@ class RunLogger:
                                      dir=str(self.dir), mode=wandb_cfg.mode, config=resolved_config,
                                      resume="allow", settings=wandb.Settings(silent=True))
         if progress:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # only the bar is lost: messages still print, metrics still logged
+                print("[run] tqdm is not installed: no progress bar", flush=True)
+                return
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True)
 
