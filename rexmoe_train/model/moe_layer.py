@@ -71,6 +71,11 @@ class ReXMoELayer(MoELayer):
         # Balance losses are the router's own (balance.py); megatron's would double count.
         layer_config.moe_router_load_balancing_type = "none"
         layer_config.moe_aux_loss_coeff = 0.0
+        # Aux-loss-free balancing: megatron's TopKRouter then builds its persistent fp32 expert_bias
+        # buffer (checkpointed with the router); the update is ours (balance.update_expert_bias).
+        # The copied config skips megatron's "sigmoid only" check: gate() biases all three gatings.
+        layer_config.moe_router_enable_expert_bias = context.rexmoe.balance.moe_router_enable_expert_bias
+        layer_config.moe_router_bias_update_rate = context.rexmoe.balance.moe_router_bias_update_rate
         # megatron's MoELayer rejects unknown dispatcher names: build it with alltoall, then swap.
         dedup = config.moe_token_dispatcher_type == DEDUP_DISPATCHER
         if dedup:
