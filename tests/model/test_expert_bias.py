@@ -151,3 +151,24 @@ def test_bias_steers_load_towards_balance(layout):
         update_expert_bias(model.routers, "physical", 2e-3)
     last = load_violation(pooled)
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("mode", ["renorm_topk", "scale_candidates"])
+def test_router_gate_normalization(layout, mode):
+    """rexmoe.gate_normalization through the router, against the same router with none."""
+    cfg = tiny_config(r=2, layers=2, psr="linear", start_step=0, end_step=10)
+    cfg.rexmoe.balance.layer_aux_coeff = cfg.rexmoe.balance.z_loss_coeff = 0.0
+    layout(cfg.parallel)
+    model = _model(cfg)
+    model.psr_state.set_step(4)  # 11 of 16 candidates
+    router = model.routers[0]
+    hidden = torch.randn(16, 2, cfg.model.hidden_size, generator=torch.Generator().manual_seed(2))
+    plain, plain_map = router(hidden)
+    router.gate_normalization = mode
+    probs, routing_map = router(hidden)
+    assert torch.equal(routing_map, plain_map)
+    if mode == "renorm_topk":
+        torch.testing.assert_close(probs.sum(dim=-1), torch.ones(32))
+        torch.testing.assert_close(probs, plain / plain.sum(dim=-1, keepdim=True))
+    else:
+        torch.testing.assert_close(probs, plain * (11 / 8))
