@@ -35,6 +35,8 @@ GATINGS = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
 PSR_SCHEDULES = ("linear", "stepwise", "cosine", "none")
 PSR_MASK_ON = ("scores", "logits")
 BALANCE_SCOPES = ("micro_batch", "global_batch")
+EXPERT_BIAS_SCOPES = ("router", "physical")
+GATE_NORMALIZATIONS = ("none", "renorm_topk", "scale_candidates")
 DISPATCHERS = ("alltoall", "allgather", "rexmoe_dedup")  # rexmoe_dedup: parallel/dispatcher.py
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
@@ -74,12 +76,24 @@ class BalanceConfig:
     group_aux_coeff: float = 0.0  # group-pooled switch loss over each physical expert's load
     group_aux_scope: str = "micro_batch"
     z_loss_coeff: float = 1e-3  # router z-loss (0 disables)
+    # Aux-loss-free balancing (DeepSeek-V3; megatron's names): a per-candidate bias added to the
+    # routing scores for the top-k choice only, moved by +-rate after every optimizer step towards
+    # the global-batch mean load (model/balance.py update_expert_bias). Scope router: each router's
+    # own r*N biases from its own load; physical: one bias per physical expert, shared by the r
+    # routers of its group and driven by the load it gets from all of them.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    expert_bias_scope: str = "router"
 
     def validate(self, path: str = "rexmoe.balance") -> None:
         for name in ("layer_aux_coeff", "group_aux_coeff", "z_loss_coeff"):
             _at_least(f"{path}.{name}", getattr(self, name), 0.0)
         _one_of(f"{path}.layer_aux_scope", self.layer_aux_scope, BALANCE_SCOPES)
         _one_of(f"{path}.group_aux_scope", self.group_aux_scope, BALANCE_SCOPES)
+        _one_of(f"{path}.moe_router_enable_expert_bias", self.moe_router_enable_expert_bias, (True, False))
+        if not self.moe_router_bias_update_rate > 0:
+            _fail(f"{path}.moe_router_bias_update_rate", self.moe_router_bias_update_rate, "must be > 0")
+        _one_of(f"{path}.expert_bias_scope", self.expert_bias_scope, EXPERT_BIAS_SCOPES)
 
 
 @dataclass
@@ -87,6 +101,12 @@ class ReXMoEConfig:
     reuse_group_size: int = 1  # r; 1 is vanilla MoE
     allow_partial_last_group: bool = False
     gating: str = "softmax_then_topk"
+    # What the kept (top-k) gate values are scaled by. none: as the gating gives them (the paper).
+    # renorm_topk: divided by their sum, so each token's gates sum to 1 (what topk_then_softmax and
+    # sigmoid with k > 1 already do). scale_candidates: multiplied by N_t / N (candidates available
+    # now over a layer's own N): a softmax over r*N candidates makes every kept gate about r times
+    # smaller than vanilla's softmax over N; this restores the vanilla scale and keeps the ratios.
+    gate_normalization: str = "none"
     psr: PSRConfig = field(default_factory=PSRConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     # Triton kernels (rexmoe_train/kernels): the fused router (softmax_then_topk gating with the PSR
@@ -97,12 +117,17 @@ class ReXMoEConfig:
     def validate(self, path: str = "rexmoe") -> None:
         _at_least(f"{path}.reuse_group_size", self.reuse_group_size, 1)
         _one_of(f"{path}.gating", self.gating, GATINGS)
+        _one_of(f"{path}.gate_normalization", self.gate_normalization, GATE_NORMALIZATIONS)
         _one_of(f"{path}.kernels", self.kernels, KERNEL_IMPLS)
         if self.kernels == "triton":
             if self.gating != "softmax_then_topk" or self.psr.mask_on != "scores":
                 _fail(f"{path}.kernels", self.kernels,
                       f"the fused router implements {path}.gating=softmax_then_topk with "
                       f"{path}.psr.mask_on=scores only; use auto (torch gating for other settings)")
+            if self.balance.moe_router_enable_expert_bias:
+                _fail(f"{path}.kernels", self.kernels,
+                      f"the fused router has no selection bias ({path}.balance.moe_router_enable_expert_bias"
+                      "=true); use auto (torch gating for other settings)")
         self.psr.validate(f"{path}.psr")
         self.balance.validate(f"{path}.balance")
 

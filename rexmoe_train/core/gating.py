@@ -13,6 +13,12 @@ PSR masking (spec §3): ``mask_on="scores"`` zeroes masked candidates' post-soft
 top-k (the paper: the kept scores are NOT renormalised over the available candidates);
 ``mask_on="logits"`` sets masked logits to -inf before the score function. For top-k-then-softmax the
 two coincide (masked candidates are simply never selected).
+
+``selection_bias`` (aux-loss-free balancing, [C] fp32) is added to the values the top-k is taken over
+(the softmax scores, the logits, the sigmoid scores) for the CHOICE only; the gate values are the
+unbiased ones (megatron's expert_bias for sigmoid, and the same rule for the two softmax gatings).
+Masked candidates are excluded from the biased choice outright (a positive bias must not lift a
+zeroed score back into the top-k).
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ def gate(
     gating: str,
     allowed: Optional[torch.Tensor] = None,
     mask_on: str = "scores",
+    selection_bias: Optional[torch.Tensor] = None,
 ) -> GateOutput:
-    """``logits`` [T, C]; ``allowed`` bool [C] (None: all available)."""
+    """``logits`` [T, C]; ``allowed`` bool [C] (None: all available); ``selection_bias`` [C] or None."""
     if allowed is not None and bool(allowed.all()):
         allowed = None
     blocked = None if allowed is None else ~allowed.to(logits.device)
@@ -47,11 +54,11 @@ def gate(
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
         if blocked is not None:
             scores = scores.masked_fill(blocked, 0.0)
-        top_probs, top_idx = torch.topk(scores, k=topk, dim=1)
+        top_probs, top_idx = _select(scores, topk, selection_bias, blocked)
         aux_scores = scores.float()
     elif gating == "topk_then_softmax":
         selectable = logits if blocked is None else logits.masked_fill(blocked, float("-inf"))
-        top_logits, top_idx = torch.topk(selectable, k=topk, dim=1)
+        top_logits, top_idx = _select(selectable, topk, selection_bias, blocked)
         top_probs = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)
         aux_scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
         if blocked is not None:
@@ -60,7 +67,7 @@ def gate(
         scores = torch.sigmoid(logits.float()).type_as(logits)
         if blocked is not None:
             scores = scores.masked_fill(blocked, 0.0)
-        top_scores, top_idx = torch.topk(scores, k=topk, dim=1)
+        top_scores, top_idx = _select(scores, topk, selection_bias, blocked)
         top_probs = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else top_scores
         aux_scores = scores.float() / (scores.float().sum(dim=-1, keepdim=True) + 1e-20)
     else:
@@ -75,3 +82,27 @@ def gate(
     probs = torch.zeros_like(logits).scatter(1, top_idx, top_probs)
     routing_map = torch.zeros_like(logits).int().scatter(1, top_idx, 1).bool()
     return GateOutput(probs, routing_map, aux_scores)
+
+
+def _select(values: torch.Tensor, topk: int, bias: Optional[torch.Tensor],
+            blocked: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``values`` (+ ``bias`` for the choice only) -> (unbiased values there, indices)."""
+    if bias is None:
+        return torch.topk(values, k=topk, dim=1)
+    biased = values + bias.to(values.device)
+    if blocked is not None:
+        biased = biased.masked_fill(blocked, float("-inf"))
+    _, top_idx = torch.topk(biased, k=topk, dim=1)
+    return torch.gather(values, 1, top_idx), top_idx
+
+
+def normalize_gates(probs: torch.Tensor, mode: str, available: int, experts_per_layer: int) -> torch.Tensor:
+    """rexmoe.gate_normalization on [T, C] gates (zero off the top-k): none | renorm_topk (each
+    row sums to 1) | scale_candidates (x available / experts_per_layer, i.e. N_t / N)."""
+    if mode == "none":
+        return probs
+    if mode == "renorm_topk":
+        return probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    if mode == "scale_candidates":
+        return probs * (available / experts_per_layer)
+    raise ValueError(f"gate_normalization must be none, renorm_topk or scale_candidates, got {mode!r}")

@@ -48,7 +48,8 @@ from megatron.core.tokenizers import MegatronTokenizerBase  # noqa: E402
 
 from rexmoe_train.config.schema import ConfigError, DataConfig  # noqa: E402
 
-from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError, load_tokenizer, tokenizer_metadata  # noqa: E402
+from .loader import VALID_SPLIT_SEED  # noqa: E402
+from .text_tokenizer import BYTE, HFTokenizer, TextTokenizer, TokenizerLoadError, load_tokenizer, tokenizer_metadata  # noqa: E402  # noqa: E402
 
 __all__ = ["RexTokenizer", "IndexedSamples", "build_indexed_datasets", "check_prefix"]
 
@@ -256,23 +257,30 @@ def build_indexed_datasets(
     for s in summaries:
         _check_split(s["prefix"], split, s["lengths"], cfg.split)
 
+    def build(random_seed: int, sizes: list[int]) -> list:
+        config = GPTDatasetConfig(
+            random_seed=random_seed,
+            sequence_length=seq_length,
+            blend=(prefixes, weights),
+            split=split,
+            tokenizer=RexTokenizer(tokenizer),
+            path_to_cache=os.path.join(cache_dir, _cache_key(summaries, seq_length, random_seed)),
+            mmap_bin_files=True,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+        )
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
     path_to_cache = os.path.join(cache_dir, _cache_key(summaries, seq_length, seed))
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=split,
-        tokenizer=RexTokenizer(tokenizer),
-        path_to_cache=path_to_cache,
-        mmap_bin_files=True,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    built = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+    built = build(seed, [train_samples, valid_samples, 0])
     train = IndexedSamples(built[0], seq_length)
+    # megatron shuffles every split with one random_seed; validation scores its first windows, so
+    # they are drawn with the fixed VALID_SPLIT_SEED: train.seed must not change the validation text
+    # (the split of documents itself is by position, seed-free)
+    if seed != VALID_SPLIT_SEED:
+        built = build(VALID_SPLIT_SEED, [1, valid_samples, 0])
     valid = IndexedSamples(built[1], seq_length)
     total = sum(weights) if weights else None
     info: dict[str, Any] = {
@@ -281,7 +289,8 @@ def build_indexed_datasets(
                    "documents": s["documents"], "tokens": s["tokens"], "id": s["id"]}
                   for s, w in zip(summaries, weights or [None] * len(summaries))],
         "split": cfg.split,
-        "split_seed": seed,
+        "split_seed": VALID_SPLIT_SEED,
+        "shuffle_seed": seed,
         "seq_length": seq_length,
         "tokenizer": tokenizer_name(tokenizer),
         **{k: v for k, v in tokenizer_metadata(tokenizer).items() if k in ("tokenizer_sha256", "eod")},

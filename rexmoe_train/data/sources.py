@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from rexmoe_train.config.schema import DataConfig
 
-from .loader import build_embedded_datasets
+from .loader import VALID_SPLIT_SEED, build_embedded_datasets
 
 __all__ = ["build_datasets"]
 
@@ -31,6 +31,10 @@ def build_datasets(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train/validation datasets and JSON-able metadata for ``cfg`` (a :class:`DataConfig`).
 
+    ``seed`` (train.seed) shuffles the training samples only: which windows validation scores
+    depends on the data and its split alone (VALID_SPLIT_SEED), so runs that differ in seed are
+    compared on the same text.
+
     ``train_samples`` (train_iters * global_batch_size) and ``valid_samples`` (what the evaluations
     read) size the indexed datasets; the embedded corpus ignores them. The indexed index cache goes
     to ``cfg.cache_dir``, else ``<run_dir>/data_cache``, else a temporary directory. Bad files are a
@@ -38,7 +42,9 @@ def build_datasets(
     """
     cfg.validate()
     if cfg.source == "embedded":
-        return build_embedded_datasets(seq_length, seed, cfg.valid_fraction, cfg.max_bytes)
+        # the document split is fixed (VALID_SPLIT_SEED), not train.seed: the seed orders the training
+        # windows only, so runs with different seeds score the same validation text
+        return build_embedded_datasets(seq_length, VALID_SPLIT_SEED, cfg.valid_fraction, cfg.max_bytes)
     from .indexed import build_indexed_datasets  # megatron: only for this source
 
     if train_samples is None or valid_samples is None:

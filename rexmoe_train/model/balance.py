@@ -100,3 +100,86 @@ def load_violation(load: torch.Tensor, available: Optional[torch.Tensor] = None)
     if mean <= 0:
         return 0.0
     return float((load.float().max() - mean) / mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# aux-loss-free balancing (rexmoe.balance.moe_router_enable_expert_bias)
+# --------------------------------------------------------------------------------------------------
+def bias_update(load: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor, rate: float,
+                bias: torch.Tensor) -> torch.Tensor:
+    """bias + rate * sign(target - load) on the allowed candidates; the others keep their bias.
+
+    With every candidate allowed and target = the mean load this is megatron's
+    get_updated_expert_bias (same ops: fp32 sign times the rate, added to the fp32 bias)."""
+    step = torch.sign(target - load).to(bias.dtype) * rate
+    return torch.where(allowed.to(bias.device), bias + step, bias)
+
+
+@torch.no_grad()
+def update_expert_bias(routers: list, scope: str, rate: float) -> None:
+    """One aux-loss-free update after an optimizer step, from the step's global-batch load.
+
+    Every router's load (``step_load``: the tokens its candidates received in this step's training
+    micro-batches, after any capacity drop, as megatron's local_tokens_per_expert) is summed over the
+    ranks of its pipeline stage (tensor x data x context parallel: the tokens of one global batch)
+    in ONE all-reduce, so every replica computes the same new bias. A router's PSR-masked candidates
+    were not selectable this step: they are left out of the mean and keep their bias.
+
+    scope router: each router's r*N biases move by the sign of (its mean load over its available
+    candidates - the candidate's load). scope physical: one bias per physical expert of a group, kept
+    as identical copies in the group's r routers (so the checkpoint layout is the same as for scope
+    router); the expert's load is the sum over the r routers, its target the sum of each router's
+    mean over the routers that could select it (with nothing masked: the mean of the pooled loads).
+    A group's routers always live on one pipeline stage, so the pooled sum needs no cross-stage
+    communication; stages run this on their own routers (a stage without MoE layers skips it).
+    """
+    routers = [r for r in routers if getattr(r, "expert_bias", None) is not None]
+    if not routers:
+        return
+    width = max(r.expert_bias.numel() for r in routers)
+    loads = torch.zeros(len(routers), width, dtype=torch.float64, device=routers[0].expert_bias.device)
+    for row, router in zip(loads, routers):
+        row[: router.step_load.numel()] = router.step_load
+    from megatron.core import parallel_state
+
+    torch.distributed.all_reduce(
+        loads, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+    if scope == "router":
+        for load, router in zip(loads, routers):
+            allowed = router.available().to(load.device)
+            load = load[: allowed.numel()]
+            target = load[allowed].sum() / allowed.sum()
+            router.expert_bias.copy_(bias_update(load, allowed, target, rate, router.expert_bias))
+        return
+    if scope != "physical":
+        raise ValueError(f"expert_bias_scope must be router or physical, got {scope!r}")
+    groups: dict[int, list] = {}
+    for load, router in zip(loads, routers):
+        groups.setdefault(router.group.index, []).append((load, router))
+    for members in groups.values():
+        size = members[0][1].expert_bias.numel()
+        pooled = torch.zeros(size, dtype=torch.float64, device=loads.device)
+        target = torch.zeros_like(pooled)
+        selectable = torch.zeros(size, dtype=torch.bool, device=loads.device)
+        for load, router in members:
+            allowed = router.available().to(load.device)
+            pooled += load[:size]
+            target += allowed * (load[:size][allowed].sum() / allowed.sum())
+            selectable |= allowed
+        first = members[0][1].expert_bias
+        new = bias_update(pooled, selectable, target, rate, first)
+        for _, router in members:
+            router.expert_bias.copy_(new)
+
+
+def expert_bias_ranges(routers: list, num_groups: int, device) -> list[float]:
+    """max - min of the selection biases of each reuse group's routers (all ranks: world MAX)."""
+    ext = torch.full((num_groups, 2), float("-inf"), dtype=torch.float64, device=device)
+    for router in routers:
+        bias = getattr(router, "expert_bias", None)
+        if bias is not None:
+            g = router.group.index
+            ext[g, 0] = torch.maximum(ext[g, 0], bias.max().double())
+            ext[g, 1] = torch.maximum(ext[g, 1], -bias.min().double())
+    torch.distributed.all_reduce(ext, op=torch.distributed.ReduceOp.MAX)
+    return [round(float(hi + neg_lo), 6) if torch.isfinite(hi) else 0.0 for hi, neg_lo in ext.cpu()]

@@ -4,6 +4,13 @@ It is megatron's TopKRouter (weight [r*N, hidden], fp32 gating linear, z-loss, a
 with three changes: the PSR availability mask, the ReXMoE gate functions and balance losses, and a
 final column permutation from candidate order to the physical order of the expert placement (what
 the dispatcher and the expert bank index by).
+
+Aux-loss-free balancing: with ``rexmoe.balance.moe_router_enable_expert_bias`` the layer's config
+turns on megatron's own ``expert_bias`` buffer (fp32, [r*N] in candidate order, persistent: saved
+and resharded with the router like megatron's, kept fp32 by TopKRouter.forward); this router adds it
+to the top-k choice (gating.gate's ``selection_bias``) and balance.update_expert_bias moves it after
+each optimizer step. megatron's own update (finalize_model_grads) stays off: it keys on the model's
+config, where the flag is not set, and would ignore PSR masks and the physical scope.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping,
 from megatron.core.transformer.moe.router import TopKRouter
 
 from rexmoe_train.config.schema import ReXMoEConfig
-from rexmoe_train.core.gating import gate
+from rexmoe_train.core.gating import gate, normalize_gates
 from rexmoe_train.core.placement import ExpertPlacement
 from rexmoe_train.core.psr import PSRSchedule, PSRState
 from rexmoe_train.core.reuse import ReuseGroup
@@ -47,7 +54,8 @@ class ReXMoERouter(TopKRouter):
         self.mask_on = rexmoe.psr.mask_on
         # the fused Triton router computes exactly gate(..., "softmax_then_topk", .., "scores")
         self.fused_gate = (use_triton(rexmoe.kernels) and rexmoe.gating == "softmax_then_topk"
-                           and rexmoe.psr.mask_on == "scores")
+                           and rexmoe.psr.mask_on == "scores" and self.expert_bias is None)
+        self.gate_normalization = rexmoe.gate_normalization
         self.kernels = rexmoe.kernels
         self.psr_state = psr_state
         self.psr_schedule = PSRSchedule(
@@ -88,8 +96,11 @@ class ReXMoERouter(TopKRouter):
         if self.fused_gate:
             out = fused_router(logits, self.topk, allowed, dense=True, impl=self.kernels)
         else:
-            out = gate(logits, self.topk, self.gating_kind, allowed, self.mask_on)
-        probs, routing_map = out.probs, out.routing_map
+            out = gate(logits, self.topk, self.gating_kind, allowed, self.mask_on,
+                       selection_bias=self.expert_bias)
+        probs = normalize_gates(out.probs, self.gate_normalization, int(allowed.sum()),
+                                self.group.experts_per_layer)
+        routing_map = out.routing_map
         if self.config.moe_expert_capacity_factor is not None:
             probs, routing_map = self._drop_over_capacity(probs, routing_map, allowed)
         if self.training and torch.is_grad_enabled():

@@ -44,7 +44,7 @@ class ReuseGroupRuntime:
     dispatcher_class: Optional[type] = None
 
 
-def group_layer_config(tc, group: ReuseGroup, dispatcher_type: str):
+def group_layer_config(tc, group: ReuseGroup, dispatcher_type: str, rexmoe: ReXMoEConfig):
     """The layer config of a group's MoE layers: a shallow copy with r*N experts. To megatron's
     dispatcher a reuse group is an MoE layer with r times the experts."""
     layer_config = copy.copy(tc)
@@ -52,6 +52,11 @@ def group_layer_config(tc, group: ReuseGroup, dispatcher_type: str):
     # Balance losses are the router's own (balance.py); megatron's would double count.
     layer_config.moe_router_load_balancing_type = "none"
     layer_config.moe_aux_loss_coeff = 0.0
+    # Aux-loss-free balancing: megatron's TopKRouter then builds its persistent fp32 expert_bias
+    # buffer (checkpointed with the router); the update is ours (balance.update_expert_bias). The
+    # copied config skips megatron's "sigmoid only" check: gate() biases all three gatings.
+    layer_config.moe_router_enable_expert_bias = rexmoe.balance.moe_router_enable_expert_bias
+    layer_config.moe_router_bias_update_rate = rexmoe.balance.moe_router_bias_update_rate
     # megatron's MoELayer knows only its own dispatcher names: ours is built by the layer after
     # megatron's alltoall one (cheap: it holds no buffers until the first forward).
     if dispatcher_type == DEDUP_DISPATCHER:
@@ -71,7 +76,7 @@ def build_group_runtimes(cfg: ExperimentConfig, tc, plan: ReusePlan, psr_state: 
     runtimes = {}
     for group in groups:
         placement = ExpertPlacement(group.experts_per_layer, group.size, ep)
-        layer_config = group_layer_config(tc, group, dispatcher_type)
+        layer_config = group_layer_config(tc, group, dispatcher_type, cfg.rexmoe)
         bank = bank_class(experts_spec.module)(
             placement.local_slots, layer_config, experts_spec.submodules, pg_collection,
             group=group, placement=placement, num_moe_layers=plan.num_moe_layers)

@@ -8,6 +8,8 @@ One optimizer step t:
      balance losses; expert grads accumulate into the group's bank from all r layers.
   4. finalize_model_grads reduces grads (DP for dense params, expert-DP for experts), the megatron
      optimizer clips and steps, the LR schedule advances.
+  5. With aux-loss-free balancing, the routers' selection biases move by the step's global-batch
+     load (model/balance.py update_expert_bias); a skipped step moves neither weights nor biases.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rexmoe_train.checkpoint.state import TrainState
 from rexmoe_train.config.schema import ExperimentConfig
 from rexmoe_train.data import micro_batches, valid_batches
 from rexmoe_train.data.sources import build_datasets
+from rexmoe_train.model.balance import expert_bias_ranges, update_expert_bias
 from rexmoe_train.model.gpt import build_model
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel
@@ -244,6 +247,11 @@ class Trainer:
             success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
+            # aux-loss-free balancing: the bias moves only with the weights (a skipped step leaves both)
+            balance = cfg.rexmoe.balance
+            if balance.moe_router_enable_expert_bias:
+                update_expert_bias(self._routers(), balance.expert_bias_scope,
+                                   balance.moe_router_bias_update_rate)
         else:  # as Megatron-LM: the step's data is consumed, the weights and LR schedule stay
             self.skipped_steps += 1
         elapsed = time.perf_counter() - start
@@ -253,6 +261,9 @@ class Trainer:
             lm_loss = self._last_stage_mean(losses)
             record.update(balance_losses(cfg, self.num_microbatches))
             record.update(router_load(cfg, self._routers(), step))
+            if cfg.rexmoe.balance.moe_router_enable_expert_bias:  # same on every rank
+                record["expert_bias_range"] = expert_bias_ranges(
+                    self._routers(), len(cfg.reuse_plan().groups), platform.device())
             if cfg.parallel.moe_token_dispatcher_type == DEDUP_DISPATCHER:  # same on every rank
                 record.update(dispatch_bytes(self.dispatchers))
             record.update({

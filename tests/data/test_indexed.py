@@ -184,3 +184,19 @@ def test_static_validation(change, field):
     assert DataConfig(source="indexed", blend="a/b").blend_spec() == (["a/b"], None)
     assert DataConfig(source="indexed", blend=[2, "a", 1, "b"]).blend_spec() == (["a", "b"], [2.0, 1.0])
     np.testing.assert_allclose(DataConfig(split="98,2").split_shares(), [98, 2, 0])
+
+
+def test_validation_windows_do_not_depend_on_train_seed(megatron_world, prefixes, tmp_path):
+    """train.seed shuffles the training samples; the validation windows scored are the same."""
+    cfg = _cfg(prefixes, [1, prefixes["letters"], 3, prefixes["digits"]])
+    kw = dict(micro_batch_size=4, num_batches=2, dp_rank=0, dp_size=1)
+    runs = {seed: _build(cfg, tmp_path, seed=seed, train_samples=80, cache=f"c{seed}") for seed in (7, 8, 42)}
+    valid = {seed: torch.cat([b["tokens"] for b in valid_batches(r[1], **kw)]) for seed, r in runs.items()}
+    assert torch.equal(valid[7], valid[8]) and torch.equal(valid[7], valid[42])
+    first = {seed: r[0].get_batch(range(8))["tokens"] for seed, r in runs.items()}
+    assert not torch.equal(first[7], first[8])  # the seed still orders the training samples
+    assert runs[7][2]["split_seed"] == runs[8][2]["split_seed"] and runs[7][2]["shuffle_seed"] == 7
+    # the validation samples really are held-out documents: megatron's own valid split at seed 42
+    from rexmoe_train.data.loader import VALID_SPLIT_SEED
+
+    assert VALID_SPLIT_SEED == 42 and torch.equal(valid[42], valid[7])

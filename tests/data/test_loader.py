@@ -168,3 +168,22 @@ def test_build_embedded_datasets():
     json.dumps(info)  # must be writable into the run directory
     again = build_embedded_datasets(seq_length=64, seed=0, valid_fraction=0.3, max_bytes=300_000)[2]
     assert again == info
+
+
+def test_embedded_validation_set_does_not_depend_on_train_seed():
+    from rexmoe_train.config.schema import DataConfig
+    from rexmoe_train.data.sources import build_datasets
+
+    cfg = DataConfig(valid_fraction=0.05, max_bytes=400_000)
+    built = {seed: build_datasets(cfg, 64, seed) for seed in (1, 2)}
+    assert built[1][2] == built[2][2]  # same documents on both sides of the split
+    kw = dict(micro_batch_size=4, num_batches=3, dp_rank=0, dp_size=1)
+    a, b = (torch.cat([x["tokens"] for x in valid_batches(built[s][1], **kw)]) for s in (1, 2))
+    assert torch.equal(a, b)
+    # the seed still changes the training order
+    first = {s: micro_batches(built[s][0], seed=s, global_batch_size=4, micro_batch_size=4, dp_rank=0,
+                              dp_size=1, step=0)[0]["tokens"] for s in (1, 2)}
+    assert not torch.equal(first[1], first[2])
+    # a split seeded by train.seed (the old behaviour) would have scored other documents
+    old = build_embedded_datasets(64, 1, 0.05, 400_000)
+    assert old[2]["valid_tokens"] != built[1][2]["valid_tokens"]

@@ -43,7 +43,9 @@ def records(run_dir: Path) -> dict[int, dict]:
 def summary(recs: dict[int, dict]) -> dict:
     return {"lm_loss": {s: r["lm_loss"] for s, r in recs.items()},
             "grad_norm": {s: r["grad_norm"] for s, r in recs.items()},
-            "psr_candidates": {s: r["psr_candidates"] for s, r in recs.items()}}
+            "psr_candidates": {s: r["psr_candidates"] for s, r in recs.items()},
+            # aux-loss-free balancing runs only
+            "expert_bias_range": {s: r.get("expert_bias_range") for s, r in recs.items()}}
 
 
 def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = True) -> dict:
@@ -124,3 +126,20 @@ def assert_replicas_equal(trainer) -> None:
         differ = [n for j, n in enumerate(names) if any(not torch.equal(g[j], gathered[0][j]) for g in gathered)]
         assert not differ, f"{kind} replicas differ across ranks {dist.get_process_group_ranks(group)}: " \
                            f"{len(differ)} params, e.g. {differ[:3]}"
+
+
+def assert_expert_bias_replicas_equal(trainer) -> None:
+    """Aux-loss-free balancing: every rank of a pipeline stage (its tp x dp x cp ranks, ep included)
+    holds bitwise the same selection biases after training."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    biases = [router.expert_bias for router in trainer.model.routers]
+    assert biases and all(b is not None for b in biases)
+    local = torch.cat(biases)
+    group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    assert len(gathered) >= 1 and local.abs().max() > 0
+    assert all(torch.equal(g, gathered[0]) for g in gathered), \
+        f"expert biases differ across ranks {dist.get_process_group_ranks(group)}"

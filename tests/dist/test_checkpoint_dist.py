@@ -44,6 +44,10 @@ def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
         cfg.train.train_iters, cfg.train.eval_interval, cfg.train.eval_iters = 6, 100, 1
         if layout == "ep2":
             cfg.parallel.expert_model_parallel_size = 2
+            # aux-loss-free balancing (physical scope) continues bitwise too
+            b = cfg.rexmoe.balance
+            b.moe_router_enable_expert_bias, b.expert_bias_scope = True, "physical"
+            b.moe_router_bias_update_rate = 1e-2
         else:
             cfg.parallel.pipeline_model_parallel_size = 2
             cfg.parallel.virtual_pipeline_model_parallel_size = 2
@@ -60,6 +64,8 @@ def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
     got = _losses(resumed.run())
     assert sorted(got) == [4, 5, 6]
     assert all(got[s] == ref[s] for s in got), (got, ref)  # bitwise
+    if layout == "ep2":
+        _reference.assert_expert_bias_replicas_equal(resumed)
     _remove_shared_dir(base)
 
 
@@ -89,14 +95,20 @@ EIGHT_LAYER_LAYOUTS = ("pp2_vpp2", "pp2_uneven")
 # r=2 on 4 layers splits at pp=2 on a group boundary; r=4 is one group of 4 layers, which pp=2
 # cannot split, so it covers the ep/tp layouts; pp=2 with interleaving needs 2*2 chunks of whole
 # groups: 8 layers at r=2 (and 2 eval micro-batches, as the interleaved schedule needs >= pp).
+BIAS = ["rexmoe.balance.moe_router_enable_expert_bias=true", "rexmoe.balance.moe_router_bias_update_rate=0.01",
+        "rexmoe.balance.expert_bias_scope=physical"]
 REFERENCES = {
     "r2": ["rexmoe.reuse_group_size=2"],
     "r4": ["rexmoe.reuse_group_size=4"],
     "r2_8layers": ["rexmoe.reuse_group_size=2", "model.num_layers=8", "train.eval_iters=2"],
+    # aux-loss-free balancing: the bias (a router buffer) reshards and is updated alike on all ranks
+    "r4_bias": ["rexmoe.reuse_group_size=4", *BIAS],
+    "r2_bias": ["rexmoe.reuse_group_size=2", *BIAS[:2], "rexmoe.balance.expert_bias_scope=router"],
 }
 CASES = ([("r2", layout) for layout in LAYOUTS if layout not in EIGHT_LAYER_LAYOUTS]
          + [("r4", layout) for layout in LAYOUTS if not layout.startswith("pp")]
-         + [("r2_8layers", layout) for layout in EIGHT_LAYER_LAYOUTS])
+         + [("r2_8layers", layout) for layout in EIGHT_LAYER_LAYOUTS]
+         + [("r4_bias", "ep2"), ("r4_bias", "tp2_ep2_sp"), ("r2_bias", "pp2")])
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +180,9 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_references, 
         f"[reshard] 1 process -> {layout} (r={cfg.rexmoe.reuse_group_size}, {cfg.model.num_layers} layers)",
         got, {4: ref["straight"], 5: ref["straight"] if with_optimizer else ref["fresh"]})
     _reference.assert_replicas_equal(trainer)
+    if reference.endswith("_bias"):
+        _reference.assert_expert_bias_replicas_equal(trainer)
+        # the bias continued from the checkpoint and moved the same way as in the 1-process run
+        for step in (4, 5):
+            assert got["expert_bias_range"][step] == ref["straight"]["expert_bias_range"][step], step
+            assert got["expert_bias_range"][step][0] > 0

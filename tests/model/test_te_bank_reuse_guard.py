@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.core.reuse import ReuseGroup
 from rexmoe_train.model.experts import TEExpertBank
 from rexmoe_train.model.gpt import transformer_config
-from rexmoe_train.core.reuse import ReuseGroup
 
 pytestmark = pytest.mark.skipif(TEExpertBank is None, reason="this megatron build has no TEGroupedMLP")
 

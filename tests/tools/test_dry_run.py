@@ -38,6 +38,17 @@ def test_paper_2p3b_matches_published_sizes():
     assert 0.0010 < overhead < 0.0016  # the paper: about +0.14% at r=4
 
 
+def test_paper_7b_se_matches_published_sizes():
+    """REX-7BA3B-SE-R3 is published as about 7.5B stored / 3B active: the 64-expert pool is shared by
+    the r=3 layers of a group. 64 experts per layer is another model, kept under its real size."""
+    counts = parameter_counts(compose_config("model=rexmoe_7b_se", "train=paper"), 32000)
+    assert 7.0e9 < counts["total"] < 8.0e9  # "about 7.5B"
+    assert 2.5e9 < counts["active_per_token"] < 3.2e9  # "A3B"
+    counts = parameter_counts(compose_config("model=rexmoe_18.7b_se", "train=paper"), 32000)
+    assert 18.6e9 < counts["total"] < 18.8e9
+    assert 2.5e9 < counts["active_per_token"] < 3.2e9  # same activated shape, 2.4x the stored experts
+
+
 def test_describe_ep2_pp2_layout_without_training():
     cfg = compose_config("model=tiny", "rexmoe.reuse_group_size=2",
                          "parallel.expert_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2")

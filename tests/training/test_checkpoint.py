@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rexmoe_train.config.schema import ConfigError, experiment_from_dict
 from tests.helpers import tiny_config
@@ -92,15 +93,42 @@ def make_trainer(cfg):
     return Trainer(cfg)
 
 
+_ramp_config = ramp_config
+
+
 # --------------------------------------------------------------------------------------------------
 # resume: bitwise identical losses across the PSR ramp
 # --------------------------------------------------------------------------------------------------
-def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path):
+def _with_bias(cfg, scope):
+    """Aux-loss-free balancing on, with a rate large enough to change choices within a few steps."""
+    if scope is not None:
+        b = cfg.rexmoe.balance
+        b.moe_router_enable_expert_bias, b.expert_bias_scope, b.moe_router_bias_update_rate = True, scope, 1e-2
+    return cfg
+
+
+def _biases(trainer):
+    return [router.expert_bias.clone() for router in trainer.model.routers]
+
+
+@pytest.mark.parametrize("bias_scope", [None, "physical"])
+def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path, bias_scope):
+    """Also with aux-loss-free balancing: the bias is saved with the router and continues bitwise."""
     from rexmoe_train import checkpoint
+
+    def ramp_config(run_dir, **ck):
+        return _with_bias(_ramp_config(run_dir, **ck), bias_scope)
 
     straight = make_trainer(ramp_config(tmp_path / "a", save_interval=3, keep_last_n=None))
     straight.run()
     ref = losses(tmp_path / "a")
+    if bias_scope is not None:
+        final_bias = _biases(straight)
+        assert max(float(b.abs().max()) for b in final_bias) > 0
+        ranges = [r["expert_bias_range"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl")
+                                                     .read_text().splitlines()) if "lm_loss" in r]
+        # +-rate after step 1 (up and down around the mean), wider once a candidate stays off it
+        assert len(ranges) == 8 and ranges[0] == [0.02] and max(r[0] for r in ranges) > 0.02
     saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("iter_*"))
     assert saved == ["iter_0000003", "iter_0000006", "iter_0000008"]
     # k=3 (candidates still ramping) and k=6 (ramp just done): resume to N=8 in a fresh run dir
@@ -114,6 +142,8 @@ def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path):
         assert sorted(got) == list(range(k + 1, 9))
         for step, value in got.items():
             assert value == ref[step], (k, step, value, ref[step])  # bitwise
+        if bias_scope is not None:
+            assert all(torch.equal(a, b) for a, b in zip(_biases(resumed), final_bias))
     # the resumed run saved its own final checkpoint; auto-resume from it is a no-op
     again = make_trainer(ramp_config(tmp_path / "resume6"))
     assert again.step == 8
