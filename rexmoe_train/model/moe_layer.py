@@ -50,6 +50,7 @@ class ReXMoEContext:
     banks: ExpertBanks
     routers: list = field(default_factory=list)
     group_balances: dict = field(default_factory=dict)
+    moe_grouped_gemm: object = "auto"  # model.moe_grouped_gemm: auto | True | False (local path)
 
 
 def _not_built_here(*args, **kwargs):  # placeholder "experts" spec: the bank is built once per group
@@ -99,8 +100,11 @@ class ReXMoELayer(MoELayer):
             self.token_dispatcher = DedupAllToAllDispatcher(
                 self.num_local_experts, self.local_expert_indices, config=layer_config,
                 pg_collection=pg_collection, kernels=context.rexmoe.kernels)
+            router = self.router
+            self.token_dispatcher.is_replay = lambda: router.replaying
 
-        bank = context.banks.get_or_build(group, lambda: bank_class(experts_spec.module)(
+        build_bank = bank_class(experts_spec.module, context.moe_grouped_gemm)
+        bank = context.banks.get_or_build(group, lambda: build_bank(
             self.num_local_experts, layer_config, experts_spec.submodules, pg_collection,
             group=group, placement=placement, num_moe_layers=plan.num_moe_layers))
         # A plain attribute, not a registered submodule: the bank is registered once, on the model.
