@@ -184,6 +184,12 @@ class ModelConfig:
                     m not in RECOMPUTE_MODULES for m in self.recompute_modules):
                 _fail(f"{path}.recompute_modules", self.recompute_modules,
                       "must be a list of " + ", ".join(RECOMPUTE_MODULES))
+            if "layernorm" in self.recompute_modules and self.resolved_transformer_impl() != "transformer_engine":
+                # megatron 0.16's TransformerLayer builds CheckpointWithoutOutput() whose fp8 path
+                # needs Transformer Engine even without fp8
+                _fail(f"{path}.recompute_modules", self.recompute_modules,
+                      "layernorm needs Transformer Engine in megatron-core 0.16 (not available here); "
+                      "drop it or use the others")
             if "moe_act" in self.recompute_modules and self.moe_grouped_gemm is False:
                 _fail(f"{path}.recompute_modules", self.recompute_modules,
                       f"moe_act needs a grouped expert bank; set {path}.moe_grouped_gemm=auto or true")

@@ -234,7 +234,8 @@ class GroupedExpertBank(ExpertBank):
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
         fc1_out = _grouped_mm(x, fc1, offs)
         if self.activation_recompute:
-            checkpoint = CheckpointWithoutOutput()
+            # fp8=None means "no fp8" to megatron 0.16 (its default, False, means fp8 and needs TE)
+            checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
             hidden = checkpoint.checkpoint(self._activation, fc1_out, permuted_probs)
             out = _grouped_mm(hidden, fc2, offs)
             checkpoint.discard_output_and_register_recompute(out)

@@ -46,6 +46,8 @@ BAD = [
     ({"model": {"recompute_granularity": "selective", "recompute_num_layers": 1}}, "model.recompute_num_layers", "null unless"),
     ({"model": {"recompute_granularity": "selective", "recompute_modules": ["attn"]}}, "model.recompute_modules", "core_attn, moe_act"),
     ({"model": {"recompute_modules": ["moe"]}}, "model.recompute_modules", "null unless"),
+    ({"model": {"recompute_granularity": "selective", "recompute_modules": ["layernorm"],
+                "transformer_impl": "local"}}, "model.recompute_modules", "needs Transformer Engine"),
     ({"model": {"recompute_granularity": "selective", "recompute_modules": ["moe_act"], "moe_grouped_gemm": False}},
      "model.recompute_modules", "moe_grouped_gemm=auto"),
 ]
