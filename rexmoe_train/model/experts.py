@@ -111,21 +111,35 @@ _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 _STRIDE_ALIGN_BYTES = 16
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward rejects
-    stride-0 (expanded) or otherwise odd-strided output gradients (e.g. from ``out.sum()``)."""
+class _GroupedLinear(torch.autograd.Function):
+    """out[rows of slot i] = x[rows of slot i] @ weights[i].T for all slots in one grouped GEMM.
+
+    The slots' weights are separate parameters; grouped_mm wants them stacked. Stacking is a copy,
+    and letting autograd save that copy would keep one extra copy of the whole local bank alive per
+    MoE layer per micro-batch until the backward pass. This saves the parameters themselves and
+    stacks again in the backward pass instead (a transient copy, freed right away)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return x
+    def forward(ctx, x, offs, *weights):
+        ctx.save_for_backward(x, offs, *weights)
+        return _GROUPED_MM(x, torch.stack(weights).transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        x, offs, *weights = ctx.saved_tensors
+        # grouped_mm rejects odd-strided operands (e.g. the expanded gradient of ``out.sum()``)
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GROUPED_MM(grad, torch.stack(weights), offs=offs)
+        if any(ctx.needs_input_grad[2:]):
+            # the weight gradient of slot i: grad[rows i].T @ x[rows i]; 2D x 2D split by offs
+            grad_w = _GROUPED_MM(grad.t(), x, offs=offs).unbind(0)
+        return (grad_x, None, *(grad_w or [None] * len(weights)))
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(_GROUPED_MM(a, b, offs=offs))
+def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], offs: torch.Tensor) -> torch.Tensor:
+    return _GroupedLinear.apply(x, offs, *weights)
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -139,9 +153,9 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
         if ok:
             try:
                 a = torch.ones(3, 16, device=device, dtype=dtype, requires_grad=True)
-                b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                b = [torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)] * 2
                 offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
-                _grouped_mm(a, b.transpose(1, 2), offs).sum().backward()
+                _grouped_linear(a, b, offs).sum().backward()
             except (RuntimeError, NotImplementedError):
                 ok = False
         _GROUPED_MM_WORKS[key] = ok
@@ -157,9 +171,9 @@ class GroupedExpertBank(ExpertBank):
     """ExpertBank whose forward is one grouped GEMM per projection over all local slots.
 
     The parameters are ExpertBank's (one megatron MLP per slot), so checkpoint keys, offsets, the
-    expert grad buffer and optimizer are untouched: the forward stacks the r*N/ep weight matrices
-    (autograd splits the weight gradient back onto each slot's parameter) and calls
-    ``grouped_mm`` with the rows of slot i at [offs[i-1], offs[i]). The gated linear unit, the
+    expert grad buffer and optimizer are untouched: each projection stacks the r*N/ep weight
+    matrices for ``grouped_mm`` (rows of slot i at [offs[i-1], offs[i])) and hands slot i's weight
+    gradient back to slot i's parameter (``_GroupedLinear``). The gated linear unit, the
     activation and the per-row gate (``probs``) are applied as megatron's MLP does between fc1 and fc2.
 
     Falls back to SequentialMLP's loop when grouped_mm does not run on the device/dtype in use, when
@@ -229,18 +243,17 @@ class GroupedExpertBank(ExpertBank):
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.tensor(tokens_per_expert)
         offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        # [slots, out, in] -> grouped_mm's [slots, in, out] (a transposed view, no copy)
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
-        fc1_out = _grouped_mm(x, fc1, offs)
+        fc1 = [e.linear_fc1.weight for e in self.local_experts]
+        fc2 = [e.linear_fc2.weight for e in self.local_experts]
+        fc1_out = _grouped_linear(x, fc1, offs)
         if self.activation_recompute:
             # fp8=None means "no fp8" to megatron 0.16 (its default, False, means fp8 and needs TE)
             checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
             hidden = checkpoint.checkpoint(self._activation, fc1_out, permuted_probs)
-            out = _grouped_mm(hidden, fc2, offs)
+            out = _grouped_linear(hidden, fc2, offs)
             checkpoint.discard_output_and_register_recompute(out)
             return out, None
-        return _grouped_mm(self._activation(fc1_out, permuted_probs), fc2, offs), None
+        return _grouped_linear(self._activation(fc1_out, permuted_probs), fc2, offs), None
 
 
 if TEGroupedMLP is not None:
