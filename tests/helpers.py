@@ -27,7 +27,7 @@ def tiny_config(r: int = 4, layers: int = 4, experts: int = 8, topk: int = 2, hi
 RECOMPUTE_SETTINGS = {
     "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "full_block_2": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
-    "selective_moe": dict(recompute_granularity="selective",
+    "selective_moe": dict(recompute_granularity="selective", moe_grouped_gemm=True,
                           recompute_modules=["moe", "moe_act", "core_attn"]),
 }
 # record fields that measure time or memory, not the computation

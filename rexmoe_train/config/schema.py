@@ -148,8 +148,8 @@ class ModelConfig:
     moe_token_drop_policy: str = "probs"  # probs | position
     # Expert bank on the local path: true runs all of a reuse group's local slots as one grouped GEMM
     # per projection (torch grouped_mm; the SequentialMLP loop where grouped_mm does not run), false
-    # megatron's SequentialMLP loop, auto the grouped bank (faster wherever grouped_mm runs; see
-    # model/experts.py). The transformer_engine path is always grouped (TEGroupedMLP).
+    # megatron's SequentialMLP loop, auto: grouped on a GPU, the loop on CPU (where it measured no
+    # faster; model/experts.py, bank_class). The transformer_engine path is always grouped.
     moe_grouped_gemm: Any = "auto"  # auto | true | false (Megatron's name)
     # Activation recompute, megatron's fields and semantics: full recomputes whole layers
     # (recompute_method uniform: chunks of recompute_num_layers layers; block: the first
@@ -190,9 +190,10 @@ class ModelConfig:
                 _fail(f"{path}.recompute_modules", self.recompute_modules,
                       "layernorm needs Transformer Engine in megatron-core 0.16 (not available here); "
                       "drop it or use the others")
-            if "moe_act" in self.recompute_modules and self.moe_grouped_gemm is False:
+            if "moe_act" in self.recompute_modules and not self.resolved_moe_grouped_gemm():
                 _fail(f"{path}.recompute_modules", self.recompute_modules,
-                      f"moe_act needs a grouped expert bank; set {path}.moe_grouped_gemm=auto or true")
+                      f"moe_act needs a grouped expert bank; set {path}.moe_grouped_gemm=true "
+                      f"(auto is the SequentialMLP loop on CPU)")
 
     @property
     def num_moe_layers(self) -> int:
@@ -201,6 +202,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def resolved_moe_grouped_gemm(self) -> bool:
+        """Whether the expert bank is grouped: true/false as given; auto is grouped on a GPU (CUDA's
+        grouped GEMM kernel) and on the transformer_engine path, the SequentialMLP loop on CPU."""
+        if self.moe_grouped_gemm != "auto":
+            return bool(self.moe_grouped_gemm)
+        from rexmoe_train import platform  # local: keeps config import light
+
+        return platform.HAS_CUDA or self.resolved_transformer_impl() == "transformer_engine"
 
     def resolved_transformer_impl(self) -> str:
         """"local" or "transformer_engine": auto is TE exactly when the platform has TE on a GPU."""

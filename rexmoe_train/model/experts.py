@@ -178,8 +178,8 @@ class GroupedExpertBank(ExpertBank):
 
     Falls back to SequentialMLP's loop when grouped_mm does not run on the device/dtype in use, when
     a row width is not 16-byte aligned, or for what the grouped path does not implement (biases,
-    fp8/fp4, TE activation functions, non-SwiGLU fused activations). ``required`` (moe_grouped_gemm
-    = true) logs that fallback once instead of taking it silently."""
+    fp8/fp4, TE activation functions, non-SwiGLU fused activations); ``required`` logs that fallback
+    once instead of taking it silently."""
 
     def __init__(self, *args, required: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -314,20 +314,20 @@ else:  # pragma: no cover
     TEExpertBank = None
 
 
-def bank_class(experts_module, grouped_gemm="auto") -> Callable[..., ExpertBank]:
+def bank_class(experts_module, grouped_gemm: bool = False) -> Callable[..., ExpertBank]:
     """The bank for the experts module a layer spec asks for (TEGroupedMLP -> TEExpertBank) and, on
-    the local path, for ``model.moe_grouped_gemm``.
+    the local path, for ``model.moe_grouped_gemm`` resolved (``ModelConfig.resolved_moe_grouped_gemm``).
 
-    auto takes the grouped bank: it is never slower than the loop where grouped_mm runs (CPU fp32,
-    hidden 256 / FFN 512, 2048 rows: 0.7x the loop at 8 experts, 0.6x at 32, and also faster at the
-    tiny default's 64/128 shapes; docs/benchmarks.md, "Grouped expert bank"), and it takes the loop
-    itself, call by call, where grouped_mm does not run (``GroupedExpertBank.grouped_ok``)."""
+    Why auto is the loop on CPU: measured on this project's 2-core CPU box (torch 2.13, fp32, one
+    thread, hidden 256 / FFN 512, 2048 rows, fwd+bwd; bench/expert_gemm_bench.py and
+    docs/benchmarks.md "Grouped expert bank") the grouped path was not faster than the loop at 8 or
+    32 experts, while on CUDA grouped_mm is the grouped kernel the loop cannot match."""
     if TEGroupedMLP is not None and isinstance(experts_module, type) and issubclass(
             experts_module, TEGroupedMLP):
         return TEExpertBank
-    if grouped_gemm is False:
+    if not grouped_gemm:
         return ExpertBank
-    return partial(GroupedExpertBank, required=grouped_gemm is True)
+    return partial(GroupedExpertBank, required=True)
 
 
 class ExpertBanks(MegatronModule):

@@ -108,7 +108,7 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         # TE path: the bank is one TEGroupedMLP; local path: model.moe_grouped_gemm picks the bank
         # (experts.bank_class). megatron reads the flag only to validate (e.g. "moe_act" recompute
         # needs a grouped bank); the local layer spec is built with moe_grouped_gemm=False regardless.
-        moe_grouped_gemm=uses_transformer_engine(cfg) or m.moe_grouped_gemm is not False,
+        moe_grouped_gemm=uses_transformer_engine(cfg) or m.resolved_moe_grouped_gemm(),
         # activation recompute (megatron's; the routers count a replayed micro-batch once)
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
@@ -204,7 +204,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         context = ReXMoEContext(plan=plan, rexmoe=cfg.rexmoe, psr_state=psr_state, banks=ExpertBanks(tc),
-                                moe_grouped_gemm=cfg.model.moe_grouped_gemm)
+                                moe_grouped_gemm=cfg.model.resolved_moe_grouped_gemm())
         specs = layer_specs(cfg, context)
         offset = get_transformer_layer_offset(tc, vp_stage=stage)
         count = get_num_layers_to_build(tc, vp_stage=stage)

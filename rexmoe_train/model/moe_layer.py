@@ -50,7 +50,7 @@ class ReXMoEContext:
     banks: ExpertBanks
     routers: list = field(default_factory=list)
     group_balances: dict = field(default_factory=dict)
-    moe_grouped_gemm: object = "auto"  # model.moe_grouped_gemm: auto | True | False (local path)
+    moe_grouped_gemm: bool = False  # model.resolved_moe_grouped_gemm(): grouped local bank
 
 
 def _not_built_here(*args, **kwargs):  # placeholder "experts" spec: the bank is built once per group

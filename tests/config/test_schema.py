@@ -49,7 +49,7 @@ BAD = [
     ({"model": {"recompute_granularity": "selective", "recompute_modules": ["layernorm"],
                 "transformer_impl": "local"}}, "model.recompute_modules", "needs Transformer Engine"),
     ({"model": {"recompute_granularity": "selective", "recompute_modules": ["moe_act"], "moe_grouped_gemm": False}},
-     "model.recompute_modules", "moe_grouped_gemm=auto"),
+     "model.recompute_modules", "moe_grouped_gemm=true"),
 ]
 
 
