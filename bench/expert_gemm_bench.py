@@ -6,6 +6,7 @@ each r times smaller. This times exactly that, on one process, fwd+bwd of the sa
 
   megatron  megatron's SequentialMLP (what ExpertBank is on the local path)
   plain     a bare loop of F.linear per expert with the same weights (no megatron Python around it)
+  grouped   GroupedExpertBank's path (model.moe_grouped_gemm): one torch grouped_mm per projection
 
 for each expert count, so the gap between the counts is the GEMM-size cost and the gap between the
 two implementations is megatron's per-expert overhead.
@@ -58,6 +59,16 @@ def plain_forward(experts: SequentialMLP, x: torch.Tensor, counts: list[int], pr
     return torch.cat(outs)
 
 
+def grouped_forward(experts: SequentialMLP, x: torch.Tensor, offs: torch.Tensor, probs: torch.Tensor):
+    """GroupedExpertBank's computation (model/experts.py) on the same weights."""
+    from rexmoe_train.model.experts import _grouped_linear
+
+    fc1 = [e.linear_fc1.weight for e in experts.local_experts]
+    fc2 = [e.linear_fc2.weight for e in experts.local_experts]
+    a, b = torch.chunk(_grouped_linear(x, fc1, offs), 2, dim=-1)
+    return _grouped_linear(F.silu(a) * b * probs.unsqueeze(-1), fc2, offs)
+
+
 def time_fwd_bwd(fn, x: torch.Tensor, iters: int, warmup: int = 2) -> list[float]:
     times = []
     for i in range(warmup + iters):
@@ -84,10 +95,13 @@ def run(experts_list: list[int], rows: int, hidden: int, ffn: int, iters: int, s
         experts = build_experts(num, hidden, ffn)
         counts = [rows // num] * num
         per_expert = torch.tensor(counts)
+        offs = per_expert.cumsum(0).to(torch.int32)
         impls = {"megatron": lambda: experts(x, per_expert, probs)[0],
-                 "plain": lambda: plain_forward(experts, x, counts, probs)}
-        with torch.no_grad():  # both compute the same thing: guards the comparison itself
-            max_diff = (impls["megatron"]() - impls["plain"]()).abs().max().item()
+                 "plain": lambda: plain_forward(experts, x, counts, probs),
+                 "grouped": lambda: grouped_forward(experts, x, offs, probs)}
+        with torch.no_grad():  # all compute the same thing: guards the comparison itself
+            ref = impls["megatron"]()
+            max_diff = max((ref - impls[k]()).abs().max().item() for k in ("plain", "grouped"))
         for name, fn in impls.items():
             ms = time_fwd_bwd(fn, x, iters)
             results.append({"experts": num, "rows_per_expert": rows // num, "impl": name,

@@ -21,3 +21,60 @@ def tiny_config(r: int = 4, layers: int = 4, experts: int = 8, topk: int = 2, hi
     cfg.train.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size = 32, 2, 4
     cfg.train.train_iters, cfg.train.lr_warmup_iters = 10, 1
     return cfg
+
+
+# activation recompute settings compared against no recompute (model.recompute_* fields)
+RECOMPUTE_SETTINGS = {
+    "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full_block_2": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+    "selective_moe": dict(recompute_granularity="selective", moe_grouped_gemm=True,
+                          recompute_modules=["moe", "moe_act", "core_attn"]),
+}
+# record fields that measure time or memory, not the computation
+_TIMING = ("time", "tokens_per_s", "tflops", "mfu", "memory")
+
+
+def train_with_recompute(cfg, run_dir: str, settings: dict, steps: int = 2) -> dict:
+    """Train ``steps`` steps from the same seed with each model.recompute_* setting (plus none):
+    -> {name: (computational records, final parameters, router forward calls)}."""
+    import dataclasses
+
+    from rexmoe_train import compat
+    from rexmoe_train.training.trainer import Trainer
+
+    out = {}
+    for name, fields in {"none": {}, **settings}.items():
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields),
+                                      run=dataclasses.replace(cfg.run, dir=f"{run_dir}/{name}"))
+        compat.reset_megatron_global_state()
+        trainer = Trainer(run_cfg)
+        calls = [0]
+        hooks = [router.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+                 for router in trainer.model.routers]
+        records = [{k: v for k, v in trainer.train_step().items()
+                    if not any(t in k for t in _TIMING)} for _ in range(steps)]
+        for hook in hooks:
+            hook.remove()
+        params = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters()}
+        out[name] = (records, params, calls[0])
+    return out
+
+
+def assert_same_training(runs: dict, atol: float = 1e-6) -> None:
+    """Every record value and every final parameter of each run equals the "none" run's."""
+    import torch
+
+    ref_records, ref_params, _ = runs["none"]
+    for name, (records, params, _) in runs.items():
+        for ref, got in zip(ref_records, records):
+            assert ref.keys() == got.keys(), name
+            for key in ref:
+                want, have = ref[key], got[key]
+                if isinstance(want, (int, float)) and not isinstance(want, bool):
+                    assert abs(have - want) <= atol * max(1.0, abs(want)), (name, key, have, want)
+                else:
+                    torch.testing.assert_close(torch.tensor(have, dtype=torch.float64),
+                                               torch.tensor(want, dtype=torch.float64),
+                                               rtol=0, atol=atol, msg=f"{name}: {key}")
+        for pname, p in params.items():
+            torch.testing.assert_close(p, ref_params[pname], rtol=0, atol=atol, msg=f"{name}: {pname}")

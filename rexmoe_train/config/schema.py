@@ -46,6 +46,10 @@ KERNEL_IMPLS = ("auto", "torch", "triton")
 DROP_POLICIES = ("probs", "position")  # megatron's moe_token_drop_policy values
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+# activation recompute: megatron's TransformerConfig values (see ModelConfig)
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
 
 
 @dataclass
@@ -162,6 +166,54 @@ class ModelConfig:
     # routers can thus receive up to r such quotas. r=1 is megatron's own capacity rule.
     moe_expert_capacity_factor: Optional[float] = None
     moe_token_drop_policy: str = "probs"  # probs | position
+    # Expert bank on the local path: true runs all of a reuse group's local slots as one grouped GEMM
+    # per projection (torch grouped_mm; the SequentialMLP loop where grouped_mm does not run), false
+    # megatron's SequentialMLP loop, auto: grouped on a GPU, the loop on CPU (where it measured no
+    # faster; model/experts.py, bank_class). The transformer_engine path is always grouped.
+    moe_grouped_gemm: Any = "auto"  # auto | true | false (Megatron's name)
+    # Activation recompute, megatron's fields and semantics: full recomputes whole layers
+    # (recompute_method uniform: chunks of recompute_num_layers layers; block: the first
+    # recompute_num_layers layers of each pipeline stage); selective recomputes recompute_modules
+    # (core_attn, moe_act, layernorm, mlp, moe, shared_experts; null: megatron's default [core_attn]).
+    # Router counters (metrics, balance counts, dispatch bytes) count each micro-batch once however
+    # often its forward is replayed (model/router.py).
+    recompute_granularity: Optional[str] = None  # null | full | selective
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_modules: Optional[list] = None  # selective only
+
+    def _validate_recompute(self, path: str) -> None:
+        _one_of(f"{path}.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        full = self.recompute_granularity == "full"
+        if full:
+            _one_of(f"{path}.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+            if self.recompute_num_layers is None or not 1 <= self.recompute_num_layers <= self.num_layers:
+                _fail(f"{path}.recompute_num_layers", self.recompute_num_layers,
+                      f"must be in [1, {path}.num_layers] = [1, {self.num_layers}] with "
+                      f"{path}.recompute_granularity=full")
+        else:
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    _fail(f"{path}.{name}", getattr(self, name),
+                          f"must be null unless {path}.recompute_granularity=full")
+        if self.recompute_modules is not None:
+            if self.recompute_granularity != "selective":
+                _fail(f"{path}.recompute_modules", self.recompute_modules,
+                      f"must be null unless {path}.recompute_granularity=selective")
+            if not isinstance(self.recompute_modules, (list, tuple)) or any(
+                    m not in RECOMPUTE_MODULES for m in self.recompute_modules):
+                _fail(f"{path}.recompute_modules", self.recompute_modules,
+                      "must be a list of " + ", ".join(RECOMPUTE_MODULES))
+            if "layernorm" in self.recompute_modules and self.resolved_transformer_impl() != "transformer_engine":
+                # megatron 0.16's TransformerLayer builds CheckpointWithoutOutput() whose fp8 path
+                # needs Transformer Engine even without fp8
+                _fail(f"{path}.recompute_modules", self.recompute_modules,
+                      "layernorm needs Transformer Engine in megatron-core 0.16 (not available here); "
+                      "drop it or use the others")
+            if "moe_act" in self.recompute_modules and not self.resolved_moe_grouped_gemm():
+                _fail(f"{path}.recompute_modules", self.recompute_modules,
+                      f"moe_act needs a grouped expert bank; set {path}.moe_grouped_gemm=true "
+                      f"(auto is the SequentialMLP loop on CPU)")
 
     @property
     def num_moe_layers(self) -> int:
@@ -170,6 +222,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def resolved_moe_grouped_gemm(self) -> bool:
+        """Whether the expert bank is grouped: true/false as given; auto is grouped on a GPU (CUDA's
+        grouped GEMM kernel) and on the transformer_engine path, the SequentialMLP loop on CPU."""
+        if self.moe_grouped_gemm != "auto":
+            return bool(self.moe_grouped_gemm)
+        from rexmoe_train import platform  # local: keeps config import light
+
+        return platform.HAS_CUDA or self.resolved_transformer_impl() == "transformer_engine"
 
     def resolved_transformer_impl(self) -> str:
         """"local" or "transformer_engine": auto is TE exactly when the platform has TE on a GPU."""
@@ -210,6 +271,10 @@ class ModelConfig:
             _fail(f"{path}.moe_expert_capacity_factor", self.moe_expert_capacity_factor,
                   "must be > 0 (null: dropless)")
         _one_of(f"{path}.moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
+        if not (self.moe_grouped_gemm is True or self.moe_grouped_gemm is False
+                or self.moe_grouped_gemm == "auto"):
+            _fail(f"{path}.moe_grouped_gemm", self.moe_grouped_gemm, "must be one of auto, true, false")
+        self._validate_recompute(path)
         if not 0 < self.norm_epsilon < 1:
             _fail(f"{path}.norm_epsilon", self.norm_epsilon, "must be in (0, 1)")
         _at_least(f"{path}.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)

@@ -9,7 +9,8 @@ reproduces megatron's ``aux_loss`` exactly.
 - Group-pooled: over the load each PHYSICAL expert receives from all r routers of its group. Every
   router of a group indexes the same candidate space, so pooling is a sum over layers. The loss needs
   the counts of all r layers; the group's last layer computes it once the others have run in the same
-  forward pass (a group never spans pipeline stages) and attaches it to its own output.
+  forward pass (a group never spans pipeline stages) and attaches it to its own output (under
+  activation recompute each layer attaches its own linear term instead, see GroupBalance).
 
 Scope: ``micro_batch`` counts tokens of the micro-batch (reduced over TP/CP like megatron's aux_loss);
 ``global_batch`` accumulates counts over the micro-batches of the step and reduces them over data
@@ -57,39 +58,71 @@ def switch_loss(scores: torch.Tensor, counts: torch.Tensor, total_tokens: int, t
         num_experts=num_experts, moe_aux_loss_coeff=coeff, fused=False)
 
 
+class _GroupMicroBatch:
+    """One micro-batch of a reuse group: the layers' counts, the pooled counts once all r have
+    routed, and the gate scores of layers that routed with autograd before the pool was complete."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+        self.pooled: Optional[tuple[torch.Tensor, int]] = None  # (counts at scope, tokens)
+        self.pending_scores: dict[int, torch.Tensor] = {}
+
+
 class GroupBalance:
-    """Collects the routers of one reuse group during a forward pass and forms the pooled loss."""
+    """Collects the routers of one reuse group during a forward pass and forms the pooled loss.
+
+    The switch loss is linear in the gate scores, so the pooled loss is the sum of one term per
+    layer, each with the (constant) pooled counts. Normally all r layers route with autograd in one
+    forward: the last one attaches the whole loss. Under activation recompute a checkpointed layer
+    routes twice: first without autograd (its counts join the pool here, once), then again in the
+    backward pass, when it attaches its own term (``share``) against the same pooled counts. Layers
+    that ran with autograd before the pool completed are folded into the completing layer's loss."""
 
     def __init__(self, group_size: int, num_candidates: int, coeff: float, counts: ScopedCounts) -> None:
         self.group_size = group_size
         self.num_candidates = num_candidates
         self.coeff = coeff
         self.counts = counts
-        self._scores: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, torch.Tensor] = {}
-        self._tokens = 0
+        self._current = _GroupMicroBatch()
 
     def reset(self) -> None:
-        self._scores.clear()
-        self._counts.clear()
+        self._current = _GroupMicroBatch()
         self.counts.reset()
 
-    def add(self, position: int, aux_scores: torch.Tensor, routing_map: torch.Tensor,
-            topk: int) -> Optional[torch.Tensor]:
-        """Record layer ``position`` of the group; returns the pooled loss once all have reported."""
-        self._scores[position] = aux_scores.sum(dim=0)
-        self._counts[position] = routing_map.sum(dim=0)
-        self._tokens = routing_map.shape[0]
-        if len(self._scores) < self.group_size:
+    def count(self, position: int, routing_map: torch.Tensor, autograd: bool = True) -> _GroupMicroBatch:
+        """Record layer ``position``'s counts (once per micro-batch); -> its micro-batch entry.
+
+        ``autograd``: this forward builds a graph (False: the first pass of a recomputed layer)."""
+        entry = self._current
+        entry.counts[position] = routing_map.sum(dim=0)
+        if len(entry.counts) == self.group_size:
+            pooled_counts = torch.stack(list(entry.counts.values())).sum(dim=0)
+            entry.pooled = self.counts(pooled_counts, routing_map.shape[0])
+            self._current = _GroupMicroBatch()
+            if entry.pending_scores and not autograd:
+                raise RuntimeError(
+                    "group-pooled balance loss: a reuse group's last MoE layer is recomputed but an "
+                    "earlier one is not; recompute whole reuse groups (model.recompute_*)")
+        return entry
+
+    def loss(self, entry: _GroupMicroBatch, position: int, aux_scores: torch.Tensor, topk: int,
+             share: bool) -> Optional[torch.Tensor]:
+        """The pooled loss term(s) to attach to layer ``position``'s output, or None (not yet).
+
+        ``share``: a recompute replay, attach this layer's own term only."""
+        scores = aux_scores.sum(dim=0)
+        if entry.pooled is None:  # pool incomplete: a later layer of this forward attaches it
+            entry.pending_scores[position] = scores
             return None
-        pooled_scores = torch.stack(list(self._scores.values())).sum(dim=0, keepdim=True)
-        pooled_counts = torch.stack(list(self._counts.values())).sum(dim=0)
-        self._scores.clear()
-        self._counts.clear()
-        counts, total_tokens = self.counts(pooled_counts, self._tokens)
+        if share:
+            terms = [scores]
+        else:
+            terms = [*entry.pending_scores.values(), scores]
+            entry.pending_scores.clear()
+        counts, tokens = entry.pooled
         # r routers x T tokens "routing events": the same normalisation as one router over r*T tokens.
-        return switch_loss(pooled_scores, counts, total_tokens * self.group_size, topk,
-                           self.num_candidates, self.coeff)
+        return switch_loss(torch.stack(terms).sum(dim=0, keepdim=True), counts,
+                           tokens * self.group_size, topk, self.num_candidates, self.coeff)
 
 
 def load_violation(load: torch.Tensor, available: Optional[torch.Tensor] = None) -> float:

@@ -10,6 +10,10 @@ Checkpoint keys are by (owner MoE layer, expert) — ``expert_banks.experts.<par
 [num_moe_layers, N, ...] — i.e. independent of r, of the placement and of the EP size, and the same
 layout megatron uses for a vanilla model's per-layer experts.
 
+On the local path ``model.moe_grouped_gemm`` (auto | true | false) selects ``GroupedExpertBank``:
+the same parameters and checkpoint keys, but all local slots run as one grouped GEMM per projection
+(``torch.nn.functional.grouped_mm``) instead of a Python loop of r*N/ep small GEMMs.
+
 On the Transformer Engine path (``model.transformer_impl``) the bank is a TEGroupedMLP instead
 (``TEExpertBank``: grouped GEMMs, fp8-capable) with the same checkpoint keys; ``bank_class`` picks
 the bank from the experts module of the layer spec.
@@ -17,9 +21,16 @@ the bank from the experts module of the layer spec.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
@@ -85,6 +96,160 @@ class ExpertBank(_GroupSlots, SequentialMLP):
                 tensor.replica_id = (*tensor.replica_id[:2], self.dp_group.rank())
             out.update(expert_sd)
         return out
+
+
+logger = logging.getLogger(__name__)
+
+#: torch's grouped GEMM (2.8+ names it F.grouped_mm; torch._grouped_mm is the same op, older spelling)
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+#: grouped_mm's kernels need every row stride of both operands to be a multiple of 16 bytes
+_STRIDE_ALIGN_BYTES = 16
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """out[rows of slot i] = x[rows of slot i] @ weights[i].T for all slots in one grouped GEMM.
+
+    The slots' weights are separate parameters; grouped_mm wants them stacked. Stacking is a copy,
+    and letting autograd save that copy would keep one extra copy of the whole local bank alive per
+    MoE layer per micro-batch until the backward pass. This saves the parameters themselves and
+    stacks again in the backward pass instead (a transient copy, freed right away)."""
+
+    @staticmethod
+    def forward(ctx, x, offs, *weights):
+        ctx.save_for_backward(x, offs, *weights)
+        return _GROUPED_MM(x, torch.stack(weights).transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, offs, *weights = ctx.saved_tensors
+        # grouped_mm rejects odd-strided operands (e.g. the expanded gradient of ``out.sum()``)
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GROUPED_MM(grad, torch.stack(weights), offs=offs)
+        if any(ctx.needs_input_grad[2:]):
+            # the weight gradient of slot i: grad[rows i].T @ x[rows i]; 2D x 2D split by offs
+            grad_w = _GROUPED_MM(grad.t(), x, offs=offs).unbind(0)
+        return (grad_x, None, *(grad_w or [None] * len(weights)))
+
+
+def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], offs: torch.Tensor) -> torch.Tensor:
+    return _GroupedLinear.apply(x, offs, *weights)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs forward AND backward on this device type and dtype.
+
+    Probed once per (device type, dtype) with a tiny problem: which device/dtype pairs a torch build
+    supports is not queryable (CUDA wants bf16 on sm80+ in 2.13; CPU takes fp32 and bf16)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        ok = _GROUPED_MM is not None
+        if ok:
+            try:
+                a = torch.ones(3, 16, device=device, dtype=dtype, requires_grad=True)
+                b = [torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)] * 2
+                offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
+                _grouped_linear(a, b, offs).sum().backward()
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_WORKS[key] = ok
+    return _GROUPED_MM_WORKS[key]
+
+
+def _aligned(*sizes_in_elements: int, dtype: torch.dtype) -> bool:
+    size = torch.empty((), dtype=dtype).element_size()
+    return all(n * size % _STRIDE_ALIGN_BYTES == 0 for n in sizes_in_elements)
+
+
+class GroupedExpertBank(ExpertBank):
+    """ExpertBank whose forward is one grouped GEMM per projection over all local slots.
+
+    The parameters are ExpertBank's (one megatron MLP per slot), so checkpoint keys, offsets, the
+    expert grad buffer and optimizer are untouched: each projection stacks the r*N/ep weight
+    matrices for ``grouped_mm`` (rows of slot i at [offs[i-1], offs[i])) and hands slot i's weight
+    gradient back to slot i's parameter (``_GroupedLinear``). The gated linear unit, the
+    activation and the per-row gate (``probs``) are applied as megatron's MLP does between fc1 and fc2.
+
+    Falls back to SequentialMLP's loop when grouped_mm does not run on the device/dtype in use, when
+    a row width is not 16-byte aligned, or for what the grouped path does not implement (biases,
+    fp8/fp4, TE activation functions, non-SwiGLU fused activations); ``required`` logs that fallback
+    once instead of taking it silently."""
+
+    def __init__(self, *args, required: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.required = required
+        self._warned = False
+        c = self.config
+        self._why_not = None
+        if c.add_bias_linear:
+            self._why_not = "biased expert linears"
+        elif c.fp8 or c.fp4:
+            self._why_not = "fp8/fp4 (use the transformer_engine path)"
+        elif c.use_te_activation_func:
+            self._why_not = "TE activation functions"
+        elif c.bias_activation_fusion and not (c.gated_linear_unit and c.activation_func is F.silu):
+            self._why_not = "a fused activation other than SwiGLU"
+        # megatron's selective "moe_act" recompute, as its GroupedMLP: keep fc1's output, drop the
+        # activation's and recompute it when fc2's backward needs it (the loop fallback ignores it)
+        self.activation_recompute = (c.recompute_granularity == "selective"
+                                     and "moe_act" in c.recompute_modules)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        """Whether this call can take the grouped path (see the class docstring)."""
+        why = self._why_not
+        if why is None and not grouped_mm_available(x.device, x.dtype):
+            why = f"torch.grouped_mm unavailable for {x.device.type}/{x.dtype}"
+        if why is None:
+            fc1 = self.local_experts[0].linear_fc1.weight.shape[0]
+            fc2_in = self.local_experts[0].linear_fc2.weight.shape[1]
+            if not _aligned(x.shape[-1], fc1, fc2_in, dtype=x.dtype):
+                why = "row widths not a multiple of 16 bytes"
+        if why is not None and self.required and not self._warned:
+            logger.warning("model.moe_grouped_gemm=true: SequentialMLP loop used instead (%s)", why)
+            self._warned = True
+        return why is None
+
+    def _activation(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """megatron MLP's activation between fc1 and fc2 (mlp.py), with ``probs`` as per_token_scale."""
+        c = self.config
+        if c.bias_activation_fusion:  # SwiGLU only (checked in __init__)
+            return weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1),
+                                             c.activation_func_fp8_input_store)
+        if c.gated_linear_unit:
+            x_glu, x_linear = torch.chunk(fc1_out, 2, dim=-1)  # megatron's order: [gate | linear]
+            if (val := c.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_linear = x_linear.clamp(min=-val, max=val)
+            out = c.activation_func(x_glu) * (x_linear + c.glu_linear_offset)
+        else:
+            out = c.activation_func(fc1_out)
+        return (out * probs.unsqueeze(-1)).to(out.dtype)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        x = permuted_local_hidden_states
+        if not self.grouped_ok(x):
+            return super().forward(x, tokens_per_expert, permuted_probs)
+        if self.config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, gate 1
+            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` needs moe_router_topk=1"
+            x = (permuted_probs.unsqueeze(-1) * x).to(x.dtype)
+            permuted_probs = torch.ones_like(permuted_probs)
+        if not torch.is_tensor(tokens_per_expert):
+            tokens_per_expert = torch.tensor(tokens_per_expert)
+        offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        fc1 = [e.linear_fc1.weight for e in self.local_experts]
+        fc2 = [e.linear_fc2.weight for e in self.local_experts]
+        fc1_out = _grouped_linear(x, fc1, offs)
+        if self.activation_recompute:
+            # fp8=None means "no fp8" to megatron 0.16 (its default, False, means fp8 and needs TE)
+            checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
+            hidden = checkpoint.checkpoint(self._activation, fc1_out, permuted_probs)
+            out = _grouped_linear(hidden, fc2, offs)
+            checkpoint.discard_output_and_register_recompute(out)
+            return out, None
+        return _grouped_linear(self._activation(fc1_out, permuted_probs), fc2, offs), None
 
 
 if TEGroupedMLP is not None:
@@ -163,12 +328,20 @@ else:  # pragma: no cover
     TEExpertBank = None
 
 
-def bank_class(experts_module) -> type:
-    """The bank class for the experts module a layer spec asks for (TEGroupedMLP -> TEExpertBank)."""
+def bank_class(experts_module, grouped_gemm: bool = False) -> Callable[..., ExpertBank]:
+    """The bank for the experts module a layer spec asks for (TEGroupedMLP -> TEExpertBank) and, on
+    the local path, for ``model.moe_grouped_gemm`` resolved (``ModelConfig.resolved_moe_grouped_gemm``).
+
+    Why auto is the loop on CPU: measured on this project's 2-core CPU box (torch 2.13, fp32, one
+    thread, hidden 256 / FFN 512, 2048 rows, fwd+bwd; bench/expert_gemm_bench.py and
+    docs/benchmarks.md "Grouped expert bank") the grouped path was not faster than the loop at 8 or
+    32 experts, while on CUDA grouped_mm is the grouped kernel the loop cannot match."""
     if TEGroupedMLP is not None and isinstance(experts_module, type) and issubclass(
             experts_module, TEGroupedMLP):
         return TEExpertBank
-    return ExpertBank
+    if not grouped_gemm:
+        return ExpertBank
+    return partial(GroupedExpertBank, required=True)
 
 
 class ExpertBanks(MegatronModule):

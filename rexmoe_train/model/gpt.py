@@ -104,8 +104,15 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         # token dropping: ReXMoERouter applies it over the PSR-available candidates (router.py)
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_token_drop_policy=m.moe_token_drop_policy,
-        # TE path: the bank is one TEGroupedMLP (grouped GEMM); local path: a SequentialMLP
-        moe_grouped_gemm=uses_transformer_engine(cfg),
+        # TE path: the bank is one TEGroupedMLP; local path: model.moe_grouped_gemm picks the bank
+        # (experts.bank_class). megatron reads the flag only to validate (e.g. "moe_act" recompute
+        # needs a grouped bank); the local layer spec is built with moe_grouped_gemm=False regardless.
+        moe_grouped_gemm=uses_transformer_engine(cfg) or m.resolved_moe_grouped_gemm(),
+        # activation recompute (megatron's; the routers count a replayed micro-batch once)
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        **({"recompute_modules": list(m.recompute_modules)} if m.recompute_modules is not None else {}),
         **fp8_fields(cfg),
         # parallelism
         tensor_model_parallel_size=tp,

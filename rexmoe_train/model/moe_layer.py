@@ -57,6 +57,8 @@ class ReXMoELayer(MoELayer):
             self.token_dispatcher = runtime.dispatcher_class(
                 self.num_local_experts, self.local_expert_indices, config=layer_config,
                 pg_collection=pg_collection, kernels=runtime.rexmoe.kernels)
+            router = self.router
+            self.token_dispatcher.is_replay = lambda: router.replaying
         # A plain attribute, not a registered submodule: the bank is registered once, on the model.
         self.__dict__["experts"] = runtime.bank
         self.moe_layer = moe_layer

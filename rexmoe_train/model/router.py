@@ -15,6 +15,8 @@ config, where the flag is not set, and would ignore PSR masks and the physical s
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,6 +32,14 @@ from rexmoe_train.core.reuse import ReuseGroup
 from rexmoe_train.kernels._triton import use_triton
 from rexmoe_train.kernels.fused_router import fused_router
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts, switch_loss
+
+
+@dataclass
+class _Counted:
+    """What a router counted for one micro-batch, reused when the micro-batch's forward is replayed."""
+
+    layer: Optional[tuple] = None  # (counts at the layer scope, tokens) for the per-layer loss
+    group: Optional[object] = None  # the GroupBalance micro-batch entry
 
 
 class ReXMoERouter(TopKRouter):
@@ -73,6 +83,15 @@ class ReXMoERouter(TopKRouter):
         # (token, expert) assignments chosen before any capacity drop: step_load.sum() / this is
         # the share kept
         self.register_buffer("step_routed", torch.zeros((), dtype=torch.float64), persistent=False)
+        # Activation recompute replays a checkpointed forward in the backward pass. Every reentrant
+        # checkpoint (megatron's tensor_parallel.checkpoint and te_checkpoint, used by full and
+        # selective "moe" recompute) runs the first forward WITHOUT autograd and the replay WITH it,
+        # in micro-batch order. So: a training forward without autograd counts and queues what it
+        # counted; a forward with autograd while that queue is non-empty is the replay: it counts
+        # nothing and attaches the balance losses against the queued counts. Without recompute the
+        # queue stays empty and every forward counts. (Eval forwards run in eval mode: not counted.)
+        self._to_replay: deque[_Counted] = deque()
+        self.replaying = False  # the current forward is a recompute replay (read by the dispatcher)
 
     # -- PSR ---------------------------------------------------------------------------------------
     def available(self) -> torch.Tensor:
@@ -85,6 +104,7 @@ class ReXMoERouter(TopKRouter):
         self.step_routed.zero_()
         self.layer_counts.reset()
         self.group_balance.reset()
+        self._to_replay.clear()
 
     # -- routing -----------------------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -103,13 +123,32 @@ class ReXMoERouter(TopKRouter):
         routing_map = out.routing_map
         if self.config.moe_expert_capacity_factor is not None:
             probs, routing_map = self._drop_over_capacity(probs, routing_map, allowed)
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():  # what the experts receive (after any drop)
-                self.step_load += routing_map.sum(dim=0).to(self.step_load.dtype)
-                self.step_routed += out.routing_map.sum()
-            # balance losses see the routing before the drop, as megatron's TopKRouter does
-            probs = self._attach_balance_losses(probs, out, allowed)
+        self.replaying = False
+        if self.training:
+            grad = torch.is_grad_enabled()
+            if grad and self._to_replay:
+                counted, self.replaying = self._to_replay.popleft(), True
+            else:
+                counted = self._count(routing_map, out, autograd=grad)
+                if not grad:
+                    self._to_replay.append(counted)
+            if grad:
+                # balance losses see the routing before the drop, as megatron's TopKRouter does
+                probs = self._attach_balance_losses(probs, out, allowed, counted)
         return self.placement.to_physical(probs), self.placement.to_physical(routing_map)
+
+    @torch.no_grad()
+    def _count(self, routing_map: torch.Tensor, out, autograd: bool) -> _Counted:
+        """Everything counted once per micro-batch: the step's load (what the experts receive, after
+        any drop) and the balance losses' counts (before the drop)."""
+        self.step_load += routing_map.sum(dim=0).to(self.step_load.dtype)
+        self.step_routed += out.routing_map.sum()
+        counted = _Counted()
+        if self.layer_aux_coeff > 0:
+            counted.layer = self.layer_counts(out.routing_map.sum(dim=0), out.routing_map.shape[0])
+        if self.group_balance.coeff > 0:
+            counted.group = self.group_balance.count(self.position_in_group, out.routing_map, autograd)
+        return counted
 
     def _drop_over_capacity(self, probs: torch.Tensor, routing_map: torch.Tensor, allowed: torch.Tensor):
         """megatron's capacity rule, ceil(C * tokens * k / experts), over the N_t AVAILABLE
@@ -133,10 +172,11 @@ class ReXMoERouter(TopKRouter):
         routing_map = torch.zeros_like(routing_map).index_copy(1, columns, kept_map)
         return probs, routing_map
 
-    def _attach_balance_losses(self, probs: torch.Tensor, out, allowed: torch.Tensor) -> torch.Tensor:
+    def _attach_balance_losses(self, probs: torch.Tensor, out, allowed: torch.Tensor,
+                               counted: _Counted) -> torch.Tensor:
         tokens = out.routing_map.shape[0]
         if self.layer_aux_coeff > 0:
-            counts, total_tokens = self.layer_counts(out.routing_map.sum(dim=0), tokens)
+            counts, total_tokens = counted.layer
             loss = switch_loss(out.aux_scores, counts, total_tokens, self.topk,
                                int(allowed.sum()), self.layer_aux_coeff)
             probs = self.attach_and_log_load_balancing_loss(
@@ -144,8 +184,8 @@ class ReXMoERouter(TopKRouter):
                 self.layer_counts.group, reduce_group_has_dp=self.layer_counts.scope == "global_batch",
                 valid_token_count=tokens)
         if self.group_balance.coeff > 0:
-            pooled = self.group_balance.add(self.position_in_group, out.aux_scores, out.routing_map,
-                                            self.topk)
+            pooled = self.group_balance.loss(counted.group, self.position_in_group, out.aux_scores,
+                                             self.topk, share=self.replaying)
             if pooled is not None:
                 counts = self.group_balance.counts
                 probs = self.attach_and_log_load_balancing_loss(

@@ -77,7 +77,7 @@ def build_group_runtimes(cfg: ExperimentConfig, tc, plan: ReusePlan, psr_state: 
     for group in groups:
         placement = ExpertPlacement(group.experts_per_layer, group.size, ep)
         layer_config = group_layer_config(tc, group, dispatcher_type, cfg.rexmoe)
-        bank = bank_class(experts_spec.module)(
+        bank = bank_class(experts_spec.module, cfg.model.resolved_moe_grouped_gemm())(
             placement.local_slots, layer_config, experts_spec.submodules, pg_collection,
             group=group, placement=placement, num_moe_layers=plan.num_moe_layers)
         counts = ScopedCounts(balance_cfg.group_aux_scope, pg_collection.tp_cp, tp_dp_cp)

@@ -41,6 +41,7 @@ Scope: dropless, no expert tensor parallelism, no shared-expert overlap; those r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -121,6 +122,9 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         # Forward bytes to other ranks since the last reset (see BYTE_COUNTERS); on the compute device
         # so counting never forces a host sync.
         self.counters = torch.zeros(len(BYTE_COUNTERS), dtype=torch.long, device=platform.device())
+        # ReXMoELayer points this at its router: a recompute replay re-sends the same bytes, which
+        # the step already counted in the first forward
+        self.is_replay: Callable[[], bool] = lambda: False
         self._packed: Optional[DedupPermuted] = None
         self._pairs: Optional[ExpandedPairs] = None
 
@@ -158,7 +162,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         return packed.rows, meta
 
     def _count_dispatch(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> None:
-        if self.ep_size == 1:
+        if self.ep_size == 1 or self.is_replay():
             return
         # (token, expert) pairs per destination rank: what megatron's alltoall would send
         copies_per_rank = routing_map.reshape(routing_map.shape[0], self.ep_size, -1).sum(dim=(0, 2))
@@ -191,7 +195,7 @@ class DedupAllToAllDispatcher(MoETokenDispatcher):
         return expert_input, pairs.tokens_per_expert, permuted_probs
 
     def _count_received(self, slots: torch.Tensor) -> None:
-        if self.ep_size == 1:
+        if self.ep_size == 1 or self.is_replay():
             return
         start = sum(self.output_splits[: self.ep_rank])
         own = range(start, start + self.output_splits[self.ep_rank])

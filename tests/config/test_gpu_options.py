@@ -71,10 +71,17 @@ def test_transformer_config_on_cpu_is_the_local_path():
     cfg = ExperimentConfig().validate()
     assert not uses_transformer_engine(cfg)
     tc = transformer_config(cfg)
+    # auto is the SequentialMLP loop on CPU; megatron's flag follows the bank (it only gates validation)
+    assert cfg.model.resolved_moe_grouped_gemm() is False
     assert tc.moe_grouped_gemm is False and tc.fp8 is None
+    cfg.model.moe_grouped_gemm = True
+    assert transformer_config(cfg).moe_grouped_gemm is True
     from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 
-    assert bank_class(SequentialMLP) is ExpertBank
+    from rexmoe_train.model.experts import GroupedExpertBank
+
+    assert bank_class(SequentialMLP, False) is ExpertBank
+    assert bank_class(SequentialMLP, True).func is GroupedExpertBank
     assert TEExpertBank is not None and bank_class(TEGroupedMLP) is TEExpertBank
 
 

@@ -47,6 +47,18 @@ BAD = [
     ({"model": {"num_layers": "four"}}, "model.num_layers", "integer"),
     ({"rexmoe": {"psr": {"protect_local": "yes"}}}, "rexmoe.psr.protect_local", "true or false"),
     ({"model": {"num_expert": 8}}, "model.num_expert", "num_moe_experts"),
+    ({"model": {"moe_grouped_gemm": "yes"}}, "model.moe_grouped_gemm", "auto, true, false"),
+    ({"model": {"moe_grouped_gemm": 1}}, "model.moe_grouped_gemm", "auto, true, false"),
+    ({"model": {"recompute_granularity": "layer"}}, "model.recompute_granularity", "full, selective"),
+    ({"model": {"recompute_granularity": "full", "recompute_num_layers": 1}}, "model.recompute_method", "uniform, block"),
+    ({"model": {"recompute_granularity": "full", "recompute_method": "uniform"}}, "model.recompute_num_layers", "[1, model.num_layers]"),
+    ({"model": {"recompute_granularity": "selective", "recompute_num_layers": 1}}, "model.recompute_num_layers", "null unless"),
+    ({"model": {"recompute_granularity": "selective", "recompute_modules": ["attn"]}}, "model.recompute_modules", "core_attn, moe_act"),
+    ({"model": {"recompute_modules": ["moe"]}}, "model.recompute_modules", "null unless"),
+    ({"model": {"recompute_granularity": "selective", "recompute_modules": ["layernorm"],
+                "transformer_impl": "local"}}, "model.recompute_modules", "needs Transformer Engine"),
+    ({"model": {"recompute_granularity": "selective", "recompute_modules": ["moe_act"], "moe_grouped_gemm": False}},
+     "model.recompute_modules", "moe_grouped_gemm=true"),
 ]
 
 

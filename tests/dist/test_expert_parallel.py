@@ -86,3 +86,73 @@ def test_ep2_matches_single_rank(layout, dispatcher, r, capacity):
             dist.all_reduce(ref_grads[name])
     for p, ref_name in _expert_params_with_reference_names(model, rank, n):
         torch.testing.assert_close(p.grad, ref_grads[ref_name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_grouped_bank_equals_sequential_bank_at_ep2(layout, r):
+    """model.moe_grouped_gemm at ep=2: the grouped bank's loss and gradients equal the SequentialMLP
+    bank's (fp32, 1e-6), through the bank alone (slots with no rows, uneven rows) and the model."""
+    from rexmoe_train.model.experts import ExpertBank, GroupedExpertBank
+    from rexmoe_train.model.gpt import build_model
+
+    cfg = tiny_config(r=r, layers=4)
+    cfg.parallel.expert_model_parallel_size = 2
+    cfg.parallel.moe_token_dispatcher_type = "rexmoe_dedup" if r == 4 else "alltoall"
+    rank = dist.get_rank()
+    built = {}
+    for grouped in (False, True):
+        cfg.model.moe_grouped_gemm = grouped
+        layout(cfg.parallel)
+        built[grouped] = build_model(cfg, 96).chunks[0]
+    built[True].load_state_dict(built[False].state_dict())
+    banks = {k: m.expert_banks.banks["0"] for k, m in built.items()}
+    assert type(banks[False]) is ExpertBank and type(banks[True]) is GroupedExpertBank
+
+    g = torch.Generator().manual_seed(7 + rank)
+    slots = banks[True].num_local_experts
+    counts = torch.randint(1, 7, (slots,), generator=g)
+    counts[rank % slots] = 0
+    x = torch.randn(int(counts.sum()), cfg.model.hidden_size, generator=g)
+    probs = torch.rand(x.shape[0], generator=g)
+    assert banks[True].grouped_ok(x)
+    outs = {}
+    for k, bank in banks.items():
+        xi = x.clone().requires_grad_()
+        out = bank(xi, counts, probs)[0]
+        out.square().sum().backward()
+        outs[k] = (out.detach(), xi.grad)
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    x = torch.randint(0, 96, (2, 32), generator=g)
+    pos = torch.arange(32).unsqueeze(0).expand(2, -1)
+    results = {}
+    for k, model in built.items():
+        model.zero_grad(set_to_none=True)
+        loss = _forward_backward(model, x, pos)
+        results[k] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_recompute_at_ep2_counts_once(megatron_world, tmp_path):
+    """ep=2, rexmoe_dedup: full and selective recompute train exactly as without, including the
+    world-summed dispatch bytes (a replay re-sends, but must not re-count)."""
+    from tests.helpers import RECOMPUTE_SETTINGS, assert_same_training, train_with_recompute
+
+    shared = [str(tmp_path)]
+    dist.broadcast_object_list(shared, src=0)  # one run dir for both ranks
+    cfg = tiny_config(r=4, layers=4)
+    cfg.parallel.expert_model_parallel_size = 2
+    cfg.parallel.moe_token_dispatcher_type = "rexmoe_dedup"
+    cfg.rexmoe.balance.group_aux_coeff = 1e-2
+    cfg.rexmoe.balance.group_aux_scope = "global_batch"
+    cfg.train.global_batch_size = 8  # 2 micro-batches per rank
+    cfg.run.progress = False
+    cfg.train.eval_interval = 100
+    runs = train_with_recompute(cfg, shared[0], RECOMPUTE_SETTINGS)
+    assert runs["none"][0][0]["dispatch_bytes"] > 0
+    assert_same_training(runs)
+    assert runs["full_uniform_1"][2] == 2 * runs["none"][2]

@@ -27,7 +27,8 @@ def test_group_pooled_loss_matches_hand_formula(megatron_world):
         m = torch.zeros(t, c, dtype=torch.bool).scatter(1, top, True)
         scores.append(s)
         maps.append(m)
-        out = balance.add(pos, s, m, k)
+        entry = balance.count(pos, m)
+        out = balance.loss(entry, pos, s, k, share=False)
         assert (out is None) == (pos < r - 1)
     # f_i: share of the r*t*k assignments; P_i: mean score over the r*t routing events
     f = torch.stack(maps).sum((0, 1)).float() / (r * t * k)
@@ -35,7 +36,21 @@ def test_group_pooled_loss_matches_hand_formula(megatron_world):
     want = 0.5 * c * (f * p).sum()
     torch.testing.assert_close(out, want)
     out.backward()
-    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scores)
+    grads = [s.grad.clone() for s in scores]
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    # recompute: the counts were pooled in the first (no-autograd) forward; each replayed layer then
+    # attaches its own term. The terms sum to the pooled loss and give each layer the same gradient.
+    with torch.no_grad():
+        entries = [balance.count(pos, m, autograd=False) for pos, m in enumerate(maps)]
+    assert entries[0] is entries[-1] and entries[0].pooled is not None
+    terms = []
+    for pos in reversed(range(r)):  # replays run in reverse layer order
+        scores[pos].grad = None
+        term = balance.loss(entries[pos], pos, scores[pos], k, share=True)
+        term.backward()
+        terms.append(term.detach())
+        torch.testing.assert_close(scores[pos].grad, grads[pos], rtol=0, atol=1e-7)
+    torch.testing.assert_close(sum(terms), want.detach())
     assert load_violation(torch.tensor([1.0, 1.0, 4.0, 2.0])) == 1.0
 
 

@@ -97,3 +97,101 @@ def test_checkpoint_keys_are_owner_layer_and_expert(layout):
     offsets = sorted((t.global_offset[0], t.global_offset[1]) for t in fc2)
     assert offsets == [(layer, e) for layer in range(4) for e in range(8)]
     assert all(t.global_shape[:2] == (4, 8) for t in fc2)
+
+
+# -- grouped bank (model.moe_grouped_gemm) ---------------------------------------------------------
+def _bank_pair(cfg, layout):
+    """The SequentialMLP bank and the grouped bank of the same model, with equal weights."""
+    from rexmoe_train.model.experts import ExpertBank, GroupedExpertBank
+
+    banks = {}
+    for grouped in (False, True):
+        cfg.model.moe_grouped_gemm = grouped
+        layout(cfg.parallel)
+        banks[grouped] = _build(cfg)
+    loop, grouped = banks[False], banks[True]
+    grouped.chunks[0].load_state_dict(loop.chunks[0].state_dict())
+    assert type(loop.chunks[0].expert_banks.banks["0"]) is ExpertBank
+    assert type(grouped.chunks[0].expert_banks.banks["0"]) is GroupedExpertBank
+    return loop, grouped
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_grouped_bank_equals_sequential_bank(layout):
+    """Outputs and gradients of the grouped bank equal the SequentialMLP loop (fp32, 1e-6) at r=1
+    and r=4, with uneven rows and slots that receive no row, through the bank alone."""
+    for r in (1, 4):
+        cfg = tiny_config(r=r, layers=4)
+        loop, grouped = _bank_pair(cfg, layout)
+        slots = loop.chunks[0].expert_banks.banks["0"].num_local_experts
+        g = torch.Generator().manual_seed(r)
+        counts = torch.randint(0, 9, (slots,), generator=g)
+        counts[0] = 0  # empty first slot, empty middle slot, a large last one
+        counts[slots // 2] = 0
+        counts[-1] = 23
+        rows = int(counts.sum())
+        x = torch.randn(rows, cfg.model.hidden_size, generator=g)
+        probs = torch.rand(rows, generator=g)
+        out_grad = torch.randn(rows, cfg.model.hidden_size, generator=g)
+        results = []
+        assert grouped.chunks[0].expert_banks.banks["0"].grouped_ok(x)  # really the grouped path
+        for built in (loop, grouped):
+            bank = built.chunks[0].expert_banks.banks["0"]
+            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+            out, bias = bank(xi, counts, pi)
+            assert bias is None
+            out.backward(out_grad)
+            results.append((out.detach(), xi.grad, pi.grad, _grads(bank)))
+        (o1, x1, p1, w1), (o2, x2, p2, w2) = results
+        torch.testing.assert_close(o2, o1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x2, x1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-6)
+        assert w1.keys() == w2.keys() and len(w1) == 2 * slots
+        for name in w1:
+            torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-6)
+        # the empty slots' weights got exactly zero gradient on both paths
+        assert w2["local_experts.0.linear_fc1.weight"].abs().max() == 0
+        assert w1["local_experts.0.linear_fc1.weight"].abs().max() == 0
+
+
+def test_grouped_bank_model_loss_and_grads_equal(layout):
+    """The whole r=4 model: loss and every gradient equal with the grouped and the loop bank, and
+    the checkpoint keys/offsets are the loop bank's."""
+    cfg = tiny_config(r=4, layers=4)
+    loop, grouped = _bank_pair(cfg, layout)
+    x, pos = _tokens(cfg)
+    assert grouped.chunks[0].expert_banks.banks["0"].grouped_ok(torch.zeros(1, cfg.model.hidden_size))
+    losses, grads = [], []
+    for built in (loop, grouped):
+        model = built.chunks[0]
+        loss = model(x, pos, None, labels=x).float().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(model))
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6)
+    keys = []
+    for built in (loop, grouped):
+        sd = built.chunks[0].sharded_state_dict()
+        keys.append({k: (v.key, getattr(v, "global_offset", None), getattr(v, "global_shape", None))
+                     for k, v in sd.items() if k.startswith("expert_banks.")})
+    assert keys[0] == keys[1] and len(keys[0]) == 4 * 4 * 8  # (fc1, fc2) x (weight, _extra_state)
+
+
+def test_grouped_bank_falls_back_where_grouped_mm_cannot_run(layout):
+    """A row width that is not 16-byte aligned cannot use grouped_mm: the bank takes the loop."""
+    cfg = tiny_config(r=2, layers=2)
+    cfg.model.moe_ffn_hidden_size = 66  # 66 fp32 = 264 bytes: not a multiple of 16
+    loop, grouped = _bank_pair(cfg, layout)
+    bank = grouped.chunks[0].expert_banks.banks["0"]
+    x = torch.randn(5, cfg.model.hidden_size)
+    assert not bank.grouped_ok(x)
+    counts = torch.tensor([2] + [0] * (bank.num_local_experts - 2) + [3])
+    probs = torch.rand(5)
+    ref = loop.chunks[0].expert_banks.banks["0"](x, counts, probs)[0]
+    torch.testing.assert_close(bank(x, counts, probs)[0], ref, rtol=0, atol=0)
