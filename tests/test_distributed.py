@@ -12,7 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
 
 
 def _torchrun_pytest(nproc: int, folder: str) -> None:

@@ -16,6 +16,10 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.moe_ffn_hidden_size
         "train.train_iters=2", "train.eval_interval=100", "run.progress=false"]
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,

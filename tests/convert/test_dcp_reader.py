@@ -20,6 +20,10 @@ from tests.helpers import tiny_config
 REPO = Path(__file__).resolve().parents[2]
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def _saved_checkpoint(tmp_path: Path, layout, r: int, shared, qk_layernorm: bool = False) -> Path:
     """A real model-only torch_dist checkpoint of a tiny model with weights off their init."""
     from rexmoe_train.convert import checkpoint_io

@@ -11,6 +11,10 @@ from tests.helpers import tiny_config
 transformers = pytest.importorskip("transformers")
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def _trained_model(cfg, steps: int = 3):
     """A tiny ReXMoE after a few real optimizer steps (routers and experts no longer at init)."""
     from rexmoe_train.training.trainer import Trainer

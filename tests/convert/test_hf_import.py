@@ -17,6 +17,10 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 300  # not a multiple of 64: the imported embedding is padded to 320 with zero rows
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def _stock_config(kind: str, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32, num_experts=8,

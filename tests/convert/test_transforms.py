@@ -8,6 +8,9 @@ import torch
 from rexmoe_train.convert.hf_format import ConvertError
 from tests.helpers import tiny_config
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
 
 def _model(cfg, seed=0):
     from rexmoe_train.model.gpt import build_model

@@ -24,6 +24,7 @@ def test_torchrun_sh_bad_nproc_one_line():
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
 
 
+@pytest.mark.slow
 def test_two_process_expert_parallel_run(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("MASTER_PORT", None)

@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "recipes" / "paper_small" / "run.py"
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def _recipe():
     spec = importlib.util.spec_from_file_location("paper_small_run", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -18,6 +18,10 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.moe_ffn_hidden_size
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# multi-process, conversion or end-to-end CLI runs: `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
+
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env["OMP_NUM_THREADS"] = "2"

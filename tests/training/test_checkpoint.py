@@ -428,6 +428,7 @@ POINTER_AFTER_KILL = {"start": 2, "after_shards": 2, "after_meta": 2, "before_re
                       "pointer_tmp": 2, "after_pointer": 4, "mid_prune": 4}
 
 
+@pytest.mark.slow
 def test_cli_sigkill_during_save_keeps_a_valid_checkpoint(megatron_world, tmp_path):
     """Each run saves at step 2, then is SIGKILLed at one point of the step-4 save. The pointer must
     name a complete checkpoint that loads; a later save in the same dir must still work."""
@@ -474,6 +475,7 @@ def _cli_equivalent(run_dir: Path, train_iters: int):
     return cfg
 
 
+@pytest.mark.slow
 def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
     from rexmoe_train import checkpoint
     from rexmoe_train.training import guard
