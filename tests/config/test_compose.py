@@ -1,0 +1,91 @@
+"""Composition of the packaged configs: defaults from the dataclasses, YAML differences, one-line
+errors, the config-dir override and the run directory each configuration gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from importlib.resources import files
+
+import pytest
+
+from rexmoe_train.config.compose import compose_experiment
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig
+
+PACKAGED = files("rexmoe_train.configs")
+
+
+def test_default_is_the_tiny_run_and_every_unset_field_is_the_dataclass_default():
+    composed = compose_experiment([])
+    cfg = composed.experiment
+    assert composed.choices == {"model": "tiny", "train": "tiny_cpu"}
+    assert cfg.run.dir == "runs/tiny-r4"
+    assert cfg.rexmoe.reuse_group_size == 4 and (cfg.rexmoe.psr.start_step, cfg.rexmoe.psr.end_step) == (50, 150)
+    assert cfg.model.num_query_groups == 2
+    # nothing else set by YAML: the rest equals the dataclasses' defaults
+    defaults = ExperimentConfig()
+    assert cfg.train == defaults.train and cfg.parallel == defaults.parallel and cfg.data == defaults.data
+    assert dataclasses.replace(cfg.model, num_query_groups=None) == defaults.model
+
+
+def test_se_variants_extend_their_base_and_paper_models_bring_their_recipe():
+    base = compose_experiment(["model=rexmoe_2.3b"]).experiment
+    se = compose_experiment(["model=rexmoe_2.3b_se"]).experiment
+    assert (se.model.moe_router_topk, se.model.moe_shared_expert_intermediate_size) == (6, 1488)
+    assert dataclasses.replace(se.model, moe_router_topk=8, moe_shared_expert_intermediate_size=None) == base.model
+    assert se.train.seq_length == 4096 and se.train.global_batch_size == 512  # train=paper selected
+    assert se.model.vocab_size == 32000 and se.parallel.expert_model_parallel_size == 8
+    # the command line still picks another recipe
+    assert compose_experiment(["model=rexmoe_2.3b", "train=tiny_cpu"]).experiment.train.seq_length == 256
+
+
+@pytest.mark.parametrize("model", ["rexmoe_0.5b", "rexmoe_0.5b_se", "rexmoe_2.3b_se", "rexmoe_7b_se"])
+def test_paper_models_validate_for_their_8_ranks(model):
+    compose_experiment([f"model={model}"]).experiment.validate(world_size=8)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["train.lrr=1"], "config error: unknown field 'train.lrr'; allowed: adam_beta1,"),
+    (["+foo=1"], "config error: unknown field 'foo'; allowed: checkpoint, data, model,"),
+    (["model=nope"], "config error: model='nope': must be one of rexmoe_0.5b,"),
+    (["train.lr=fast"], "config error: train.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    (["train.lr"], "config error: Error parsing override 'train.lr'"),
+])
+def test_composition_errors_are_one_line(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(overrides)
+    assert "\n" not in str(err.value) and str(err.value).startswith(line), str(err.value)
+
+
+def test_run_dir_is_distinct_per_configuration_and_stable():
+    names = {tuple(o): compose_experiment(o).experiment.run.dir for o in (
+        [], ["run.progress=false"], ["rexmoe.psr.schedule=cosine", "rexmoe.psr.end_step=200"],
+        ["rexmoe.psr.end_step=200", "rexmoe.psr.schedule=cosine"], ["parallel.expert_model_parallel_size=2"],
+        ["rexmoe.reuse_group_size=1"], ["model=rexmoe_2.3b"], ["model=rexmoe_2.3b", "train=paper"])}
+    assert names[()] == names[("run.progress=false",)] == "runs/tiny-r4"  # run.* is not a setting
+    cosine = names[("rexmoe.psr.schedule=cosine", "rexmoe.psr.end_step=200")]
+    assert cosine.startswith("runs/tiny-r4-") and cosine == names[("rexmoe.psr.end_step=200", "rexmoe.psr.schedule=cosine")]
+    assert names[("parallel.expert_model_parallel_size=2",)] not in (cosine, "runs/tiny-r4")
+    assert names[("rexmoe.reuse_group_size=1",)].startswith("runs/tiny-r1-")
+    assert names[("model=rexmoe_2.3b",)] == names[("model=rexmoe_2.3b", "train=paper")] == "runs/rexmoe_2.3b-r4"
+    assert compose_experiment(["run.dir=/tmp/mine"]).experiment.run.dir == "/tmp/mine"
+
+
+def test_config_dir_override(tmp_path, monkeypatch):
+    mine = tmp_path / "configs"
+    shutil.copytree(str(PACKAGED), mine, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+    (mine / "model" / "wide.yaml").write_text("# @package _global_\nmodel:\n  hidden_size: 256\n")
+    monkeypatch.setenv("REXMOE_CONFIG_DIR", str(mine))
+    assert compose_experiment(["model=wide"]).experiment.model.hidden_size == 256
+    monkeypatch.setenv("REXMOE_CONFIG_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"REXMOE_CONFIG_DIR=.*must be a directory holding config.yaml"):
+        compose_experiment([])
+
+
+def test_configs_are_found_through_the_package_from_any_directory(tmp_path):
+    code = ("from rexmoe_train.config.compose import compose_experiment\n"
+            "print(compose_experiment(['model=rexmoe_7b_se']).experiment.model.hidden_size)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2048", proc.stderr[-2000:]
