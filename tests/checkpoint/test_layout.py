@@ -1,0 +1,60 @@
+"""checkpoint/layout.py: the pointer, the manifest's file list, pruning and stale-dir cleanup (torch-free)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rexmoe_train.checkpoint import layout
+from rexmoe_train.checkpoint.errors import CheckpointError
+
+
+def _fake_checkpoint(root, step, files=None):
+    d = root / layout.iter_name(step)
+    d.mkdir(parents=True)
+    for name, data in (files or {"__0_0.distcp": b"x" * 10, "common.pt": b"y"}).items():
+        (d / name).write_bytes(data)
+    layout.write_manifest(d, {"format": layout.FORMAT_VERSION, "step": step, "model": {}, "parallel": {}})
+    return d
+
+
+def test_pointer_roundtrip_and_bad_pointers(tmp_path):
+    layout.replace_pointer(tmp_path, 12)
+    assert layout.read_tracker(tmp_path) == 12
+    assert not (tmp_path / (layout.TRACKER + ".tmp")).exists()
+    (tmp_path / layout.TRACKER).write_text("twelve\n")
+    with pytest.raises(CheckpointError, match="must hold a step number, found 'twelve'"):
+        layout.read_tracker(tmp_path)
+
+
+def test_manifest_lists_every_file_and_detects_a_truncated_one(tmp_path):
+    d = _fake_checkpoint(tmp_path, 3)
+    meta = layout.read_metadata(d)
+    assert meta["files"] == {"__0_0.distcp": 10, "common.pt": 1}
+    (d / "__0_0.distcp").write_bytes(b"x" * 9)
+    with pytest.raises(CheckpointError, match=r"damaged: __0_0.distcp has 9 bytes, expected 10"):
+        layout.read_metadata(d)
+    (d / "__0_0.distcp").write_bytes(b"x" * 10)
+    (d / "common.pt").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: common.pt is missing"):
+        layout.read_metadata(d)
+    (d / layout.META).write_text(json.dumps({"format": 99}))
+    with pytest.raises(CheckpointError, match="unknown format 99"):
+        layout.read_metadata(d)
+
+
+def test_prune_keeps_the_newest_and_later_timelines(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        _fake_checkpoint(tmp_path, step)
+    layout.prune(tmp_path, 6, keep_last_n=2)  # 6 was just saved: keep 4 and 6; 8 and 10 are another timeline
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == [layout.iter_name(s) for s in (4, 6, 8, 10)]
+    layout.prune(tmp_path, 6, keep_last_n=None)
+    assert len(list(tmp_path.glob("iter_*"))) == 4
+
+
+def test_stale_tmp_dirs_are_removed(tmp_path):
+    (tmp_path / (layout.iter_name(4) + ".tmp")).mkdir()
+    keep = _fake_checkpoint(tmp_path, 2)
+    layout.remove_stale_tmp(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [keep.name]
