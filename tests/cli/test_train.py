@@ -81,3 +81,26 @@ def test_dry_run_prints_layout_without_training(tmp_path):
     assert "stage 1 chunk 0: layers 3-4, reuse groups [1]" in proc.stdout
     assert "candidate    8 (owner +1, expert   0) -> rank 0, slot 4" in proc.stdout
     assert not run_dir.exists()
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    """Running the same command again resumes at train.train_iters: no step, exit 0, no 'nan'."""
+    run_dir = tmp_path / "run"
+    small = ("train.train_iters=2", "train.lr_warmup_iters=1", "train.eval_iters=1", "model.hidden_size=64",
+             "model.moe_ffn_hidden_size=64", "train.seq_length=32", "run.progress=false",
+             "run.wandb.mode=disabled", f"run.dir={run_dir}")
+    first = run_cli(*small)
+    assert first.returncode == 0 and "final train loss" in first.stdout, first.stderr[-2000:]
+    again = run_cli(*small)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[done] step 2; no step trained (already at train.train_iters)" in again.stdout
+    assert "nan" not in again.stdout.lower()
+
+
+@pytest.mark.parametrize("model, hidden", [("rexmoe_7b_se", 2048), ("rexmoe_2.3b_se", 512)])
+def test_paper_dry_run_needs_only_the_model(model, hidden):
+    """The paper configs carry their recipe (ep=8 ranks, global batch 512) and the 32k vocabulary."""
+    proc = run_cli("run.dry_run=true", f"model={model}", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world size 8:" in proc.stdout
+    assert f"embeddings={2 * hidden * 32000:,}" in proc.stdout, proc.stdout[:2000]
