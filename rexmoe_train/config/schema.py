@@ -11,9 +11,11 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from rexmoe_train.core.errors import ConfigError
+from rexmoe_train.core.psr import SCHEDULES as PSR_SCHEDULE_KINDS
 from rexmoe_train.core.reuse import ReusePlan
 
 
@@ -31,21 +33,50 @@ def _at_least(path: str, value: Any, low: float) -> None:
         _fail(path, value, f"must be >= {low}")
 
 
-GATINGS = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
-PSR_SCHEDULES = ("linear", "stepwise", "cosine", "none")
-PSR_MASK_ON = ("scores", "logits")
-BALANCE_SCOPES = ("micro_batch", "global_batch")
-EXPERT_BIAS_SCOPES = ("router", "physical")
-GATE_NORMALIZATIONS = ("none", "renorm_topk", "scale_candidates")
-DISPATCHERS = ("alltoall", "allgather", "rexmoe_dedup")  # rexmoe_dedup: parallel/dispatcher.py
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
-WANDB_MODES = ("disabled", "offline", "online")
-TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")  # auto: TE when platform has it (GPU + TE)
-KERNEL_IMPLS = ("auto", "torch", "triton")
-DROP_POLICIES = ("probs", "position")  # megatron's moe_token_drop_policy values
-FP8_FORMATS = (None, "hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+class Choice(str, Enum):
+    """A closed set of string values for a config field; ``values()`` is the one list validation,
+    errors and docs use. Fields stay typed ``str`` (what YAML and the command line give)."""
+
+    @classmethod
+    def values(cls) -> tuple:
+        return tuple(member.value for member in cls)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values])
+
+
+Gating = _choice("Gating", "softmax_then_topk", "topk_then_softmax", "sigmoid")
+PSRScheduleKind = _choice("PSRScheduleKind", *PSR_SCHEDULE_KINDS)  # core/psr.py owns the list
+PSRMaskOn = _choice("PSRMaskOn", "scores", "logits")
+BalanceScope = _choice("BalanceScope", "micro_batch", "global_batch")
+ExpertBiasScope = _choice("ExpertBiasScope", "router", "physical")
+GateNormalization = _choice("GateNormalization", "none", "renorm_topk", "scale_candidates")
+Dispatcher = _choice("Dispatcher", "alltoall", "allgather", "rexmoe_dedup")  # rexmoe_dedup: parallel/dispatcher.py
+Normalization = _choice("Normalization", "RMSNorm", "LayerNorm")
+LRDecayStyle = _choice("LRDecayStyle", "cosine", "linear", "constant")
+WandbMode = _choice("WandbMode", "disabled", "offline", "online")
+TransformerImpl = _choice("TransformerImpl", "local", "transformer_engine", "auto")  # auto: TE on a GPU with TE
+KernelImpl = _choice("KernelImpl", "auto", "torch", "triton")
+DropPolicy = _choice("DropPolicy", "probs", "position")  # megatron's moe_token_drop_policy values
+FP8Format = _choice("FP8Format", "hybrid", "e4m3")
+FP8Recipe = _choice("FP8Recipe", "delayed", "tensorwise", "blockwise")
+
+GATINGS = Gating.values()
+PSR_SCHEDULES = PSRScheduleKind.values()
+PSR_MASK_ON = PSRMaskOn.values()
+BALANCE_SCOPES = BalanceScope.values()
+EXPERT_BIAS_SCOPES = ExpertBiasScope.values()
+GATE_NORMALIZATIONS = GateNormalization.values()
+DISPATCHERS = Dispatcher.values()
+NORMALIZATIONS = Normalization.values()
+LR_DECAY_STYLES = LRDecayStyle.values()
+WANDB_MODES = WandbMode.values()
+TRANSFORMER_IMPLS = TransformerImpl.values()
+KERNEL_IMPLS = KernelImpl.values()
+DROP_POLICIES = DropPolicy.values()
+FP8_FORMATS = (None, *FP8Format.values())
+FP8_RECIPES = FP8Recipe.values()
 # activation recompute: megatron's TransformerConfig values (see ModelConfig)
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
