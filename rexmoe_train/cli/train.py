@@ -64,6 +64,16 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
     if experiment.run.dry_run:
         sys.exit(dry_run(experiment))
+    from rexmoe_train.threads import ThreadsError, set_intra_op_threads
+
+    try:
+        choice = set_intra_op_threads(experiment.run.num_threads)
+    except ThreadsError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
     from rexmoe_train.training.checkpoint import CheckpointError, TrainingHalted, EXIT_HALTED
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
@@ -91,6 +101,9 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from rexmoe_train.threads import prefer_passive_wait
+
+    prefer_passive_wait()  # before anything imports torch: its OpenMP runtime reads this once
     _main()
 
 

@@ -376,6 +376,9 @@ class RunConfig:
     # on this many consecutive logged steps (spec §4: large r collapses onto a few experts)
     collapse_share: float = 0.5
     collapse_intervals: int = 3
+    # intra-op (OpenMP) threads per process; None: the cores this process may use / the processes on
+    # this node (rexmoe_train/threads.py). OMP_NUM_THREADS set in the environment wins over both.
+    num_threads: Optional[int] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, path: str = "run") -> None:
@@ -384,6 +387,8 @@ class RunConfig:
         if not 0 < self.collapse_share <= 1:
             _fail(f"{path}.collapse_share", self.collapse_share, "must be in (0, 1]")
         _at_least(f"{path}.collapse_intervals", self.collapse_intervals, 1)
+        if self.num_threads is not None:
+            _at_least(f"{path}.num_threads", self.num_threads, 1)
         self.wandb.validate(f"{path}.wandb")
 
 
