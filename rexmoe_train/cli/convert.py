@@ -150,7 +150,12 @@ def _inspect(args) -> str:
     iter_dir = checkpoint_io.resolve(Path(args.checkpoint))
     cfg, meta = checkpoint_io.read_checkpoint_config(iter_dir)
     vocab = int(meta["model"]["model.vocab_size"])
-    if args.ep:
+    if args.ep is not None:
+        n = cfg.model.num_moe_experts
+        if args.ep < 1 or n % args.ep:
+            allowed = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+            raise _error(f"--ep {args.ep}: the expert-parallel size must divide model.num_moe_experts "
+                         f"({n}): one of {allowed}")
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert_model_parallel_size=args.ep))
     from rexmoe_train.model.reuse import ReusePlan
     from rexmoe_train.parallel.placement import ExpertPlacement
@@ -182,8 +187,15 @@ def _error(message: str) -> Exception:
     return ConvertError(message)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (its default prints the usage block first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rexmoe-convert", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="rexmoe-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export-hf", help="checkpoint -> stock Qwen2-MoE folder (or --compact)")
     e.add_argument("checkpoint")
@@ -232,6 +244,10 @@ def main(argv=None) -> int:
         print(args.run(args), flush=True)
     except (ConvertError, ConfigError) as err:
         print(f"rexmoe-convert {args.command}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug
+        where = f": {err.filename}" if err.filename else ""
+        print(f"rexmoe-convert {args.command}: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     return 0
 
