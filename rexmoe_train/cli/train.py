@@ -100,10 +100,27 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(trainer.exit_code)
 
 
+# Printed by every rank on every resume or expert-parallel run, and not ours to fix: megatron-core
+# 0.16's torch_dist loader calls torch.distributed.checkpoint.load_state_dict and builds
+# ShardedTensors, and its sequence-parallel gather (alltoall dispatcher, ep > 1) calls
+# all_gather_into_tensor, all deprecated by torch. Exactly these messages are silenced; any other
+# warning still shows.
+_THIRD_PARTY_DEPRECATIONS = (
+    r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
+    r"Please use DTensor instead and we are deprecating ShardedTensor\.",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. Please use "
+    r"`torch\.distributed\.all_gather_single` instead\.",
+)
+
+
 def main() -> None:
+    import warnings
+
     from rexmoe_train.threads import prefer_passive_wait
 
     prefer_passive_wait()  # before anything imports torch: its OpenMP runtime reads this once
+    for message in _THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     _main()
 
 
