@@ -72,8 +72,8 @@ def _main(cfg: DictConfig) -> None:
         print(err, file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; "
-              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+        wait = f"OMP_WAIT_POLICY={_WAIT_POLICY}" if _WAIT_POLICY else "OpenMP wait policy: runtime default"
+        print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; {wait})", flush=True)
     from rexmoe_train.training.checkpoint import CheckpointError, TrainingHalted, EXIT_HALTED
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
@@ -112,13 +112,16 @@ _THIRD_PARTY_DEPRECATIONS = (
     r"`torch\.distributed\.all_gather_single` instead\.",
 )
 
+_WAIT_POLICY = None  # what main() could set before torch loaded (None: too late, or run without main)
+
 
 def main() -> None:
     import warnings
 
     from rexmoe_train.threads import prefer_passive_wait
 
-    prefer_passive_wait()  # before anything imports torch: its OpenMP runtime reads this once
+    global _WAIT_POLICY
+    _WAIT_POLICY = prefer_passive_wait()  # before anything imports torch: its OpenMP runtime reads it once
     for message in _THIRD_PARTY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     _main()
