@@ -160,8 +160,8 @@ def _write_shards(out: Path, shards: Iterable[tuple[str, Iterable]], total: int,
                      .contiguous().clone() for k, v in tensors}
             del tensors
             save_file(block, str(out / name), metadata={"format": "pt", "part": label})
-            # safetensors writes through a private temporary file (mode 0600): give the shard the
-            # mode config.json gets, so whoever may read the export can read its weights
+            # safetensors (0.8) creates its files with mode 0600 whatever the umask: give the shard
+            # the mode config.json gets, so whoever may read the export can read its weights
             os.chmod(out / name, mode)
             for key in block:
                 weight_map[key] = name
