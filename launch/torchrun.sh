@@ -25,12 +25,15 @@ shift
 
 # WHY: every rank runs its own intra-op thread pool; left alone each one sizes itself to
 # all cores, so N ranks oversubscribe the CPU N-fold (torchrun would force 1, which starves
-# the CPU/gloo path and data loading). Split the cores this process may use evenly.
+# the CPU/gloo path and data loading). Split the cores this process may use evenly. The
+# trainer makes the final choice (rexmoe_train/threads.py: also a cgroup CPU quota, and
+# run.num_threads); REXMOE_LAUNCHER_OMP_NUM_THREADS tells it this value is ours, not the user's.
 if [[ -z ${OMP_NUM_THREADS:-} ]]; then
     cores=$(nproc)  # honours the CPU affinity mask (taskset, cgroup cpusets)
     threads=$((cores / nproc_per_node))
     OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
-    export OMP_NUM_THREADS
+    REXMOE_LAUNCHER_OMP_NUM_THREADS=$OMP_NUM_THREADS
+    export OMP_NUM_THREADS REXMOE_LAUNCHER_OMP_NUM_THREADS
 fi
 
 # Port choice. --standalone makes torchrun bind a free port itself (race-free) and export it

@@ -1,6 +1,6 @@
 """`rexmoe-convert`: checkpoints to and from Hugging Face, upcycling, inspection.
 
-  rexmoe-convert export-hf CKPT OUT [--compact] [--tokenizer tokenizer.json]
+  rexmoe-convert export-hf CKPT OUT [--compact] [--tokenizer tokenizer.json|byte]
   rexmoe-convert import-hf HF_DIR OUT                     (an export of ours, unrolled or compact,
                                                            or a stock Qwen2-MoE / Qwen3-MoE folder)
   rexmoe-convert upcycle CKPT OUT --reuse-group-size R    (a vanilla r=1 checkpoint -> ReXMoE)
@@ -23,7 +23,7 @@ def _export(args) -> str:
     """Streamed: the checkpoint is read one decoder layer (and reuse group's expert bank) at a time
     straight from its files, so memory stays at about one layer, whatever the model's depth."""
     from rexmoe_train.convert import checkpoint_io
-    from rexmoe_train.convert.export import export_compact, export_hf
+    from rexmoe_train.convert.export import export_compact, export_hf, export_tokenizer
 
     cfg, streamed, meta = checkpoint_io.open_streamed(Path(args.checkpoint), bf16=args.dtype == "bf16")
     vocab = int(meta["model"]["model.vocab_size"])
@@ -32,13 +32,23 @@ def _export(args) -> str:
     if args.compact:
         out = export_compact(cfg, streamed, vocab, Path(args.out), source=source, overwrite=args.overwrite,
                              progress=progress)
+        return f"exported {checkpoint_io.describe_meta(meta)} to {out}"
+    # the byte tokenizer needs no file, so a byte-trained model always ships its tokenizer
+    spec = args.tokenizer or ("byte" if cfg.data.tokenizer == "byte" else None)
+    if spec is not None and spec != "byte" and not Path(spec).is_file():
+        raise _error(f"--tokenizer {spec}: no such file (byte or the tokenizer.json the data was "
+                     "preprocessed with)")
+    tokenizer = export_tokenizer(spec, cfg, vocab, args.eod_token) if spec is not None else None
+    out = export_hf(cfg, streamed, streamed.padded_vocab, Path(args.out), tokenizer=tokenizer,
+                    source=source, tokenizer_vocab_size=vocab, overwrite=args.overwrite, progress=progress)
+    message = f"exported {checkpoint_io.describe_meta(meta)} to {out}"
+    if tokenizer is None:
+        message += (f"; no tokenizer shipped: pass --tokenizer with the tokenizer.json the data was "
+                    f"preprocessed with (data.tokenizer={cfg.data.tokenizer})")
     else:
-        tokenizer = Path(args.tokenizer) if args.tokenizer else None
-        if tokenizer is not None and not tokenizer.is_file():
-            raise _error(f"--tokenizer {tokenizer}: no such file")
-        out = export_hf(cfg, streamed, streamed.padded_vocab, Path(args.out), tokenizer_file=tokenizer,
-                        source=source, tokenizer_vocab_size=vocab, overwrite=args.overwrite, progress=progress)
-    return f"exported {checkpoint_io.describe_meta(meta)} to {out}"
+        message += f"; tokenizer {spec} (eos_token_id {tokenizer.eos_token_id})"
+        message += f"; {tokenizer.note}" if tokenizer.note else ""
+    return message
 
 
 def _import(args) -> str:
@@ -140,7 +150,12 @@ def _inspect(args) -> str:
     iter_dir = checkpoint_io.resolve(Path(args.checkpoint))
     cfg, meta = checkpoint_io.read_checkpoint_config(iter_dir)
     vocab = int(meta["model"]["model.vocab_size"])
-    if args.ep:
+    if args.ep is not None:
+        n = cfg.model.num_moe_experts
+        if args.ep < 1 or n % args.ep:
+            allowed = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+            raise _error(f"--ep {args.ep}: the expert-parallel size must divide model.num_moe_experts "
+                         f"({n}): one of {allowed}")
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert_model_parallel_size=args.ep))
     from rexmoe_train.core.placement import ExpertPlacement
 
@@ -171,14 +186,24 @@ def _error(message: str) -> Exception:
     return ConvertError(message)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (its default prints the usage block first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rexmoe-convert", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="rexmoe-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export-hf", help="checkpoint -> stock Qwen2-MoE folder (or --compact)")
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--compact", action="store_true", help="experts stored once + mapping (our loader)")
-    e.add_argument("--tokenizer", help="a tokenizer.json to copy into the export")
+    e.add_argument("--tokenizer", help="the tokenizer.json the training data was preprocessed with, or "
+                                       "byte (the default for a model trained on bytes)")
+    e.add_argument("--eod-token", help="the tokenizer's end-of-document token (default: as rexmoe-preprocess "
+                                       "finds it)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights dtype of the export; bf16 halves the memory a large model needs")
@@ -220,6 +245,10 @@ def main(argv=None) -> int:
         print(args.run(args), flush=True)
     except (ConvertError, ConfigError) as err:
         print(f"rexmoe-convert {args.command}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug
+        where = f": {err.filename}" if err.filename else ""
+        print(f"rexmoe-convert {args.command}: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,8 +20,13 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from rexmoe_train.config.compose import compose_experiment
-from rexmoe_train.config.schema import ConfigError, ExperimentConfig
+from rexmoe_train.threads import prefer_passive_wait
+
+# Before anything imports torch: its OpenMP runtime reads the wait policy once, when it loads.
+_WAIT_POLICY, _WAIT_REASON = prefer_passive_wait()
+
+from rexmoe_train.config.compose import compose_experiment  # noqa: E402 (after the wait policy)
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig  # noqa: E402
 
 EXIT_CONFIG = 2
 USAGE = ("usage: rexmoe-train [--cfg | --check [--world-size N]] [KEY=VALUE | GROUP=OPTION ...]\n"
@@ -90,7 +95,23 @@ def _parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
     return flags, rest
 
 
+# Printed by every rank on every resume or expert-parallel run, and not ours to fix: megatron-core
+# 0.16's torch_dist loader calls torch.distributed.checkpoint.load_state_dict and builds
+# ShardedTensors, and its sequence-parallel gather (alltoall dispatcher, ep > 1) calls
+# all_gather_into_tensor, all deprecated by torch. Exactly these messages are silenced.
+_THIRD_PARTY_DEPRECATIONS = (
+    r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
+    r"Please use DTensor instead and we are deprecating ShardedTensor\.",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. Please use "
+    r"`torch\.distributed\.all_gather_single` instead\.",
+)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    for message in _THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     flags, overrides = _parse_flags(list(sys.argv[1:] if argv is None else argv))
     try:
         composed = compose_experiment(overrides)
@@ -106,6 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if experiment.run.dry_run:
         return dry_run(experiment)
+    from rexmoe_train.threads import ThreadsError, set_intra_op_threads
+
+    try:
+        choice = set_intra_op_threads(experiment.run.num_threads)
+    except ThreadsError as err:
+        _fail(str(err))
+    if _is_rank0():
+        print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; {_WAIT_REASON})", flush=True)
 
     from rexmoe_train import compat
 

@@ -353,7 +353,7 @@ class TrainConfig:
     seq_length: int = 256
     lr: float = 3e-3
     min_lr: float = 3e-4
-    lr_warmup_iters: int = 20
+    lr_warmup_iters: Optional[int] = None  # None: min(20, train_iters // 10), resolved_lr_warmup_iters()
     lr_decay_style: str = "cosine"
     lr_decay_iters: Optional[int] = None  # None: train_iters
     weight_decay: float = 0.1
@@ -369,6 +369,14 @@ class TrainConfig:
     eval_interval: int = 50
     eval_iters: int = 4  # validation micro-batches per evaluation (per data-parallel rank)
 
+    def resolved_lr_warmup_iters(self, default: bool = False) -> int:
+        """``lr_warmup_iters``, or (when None, or asked for the ``default``) a tenth of the run capped
+        at 20 steps. WHY derived: a fixed 20 rejected every smoke run of <= 20 steps; from 200 steps
+        on the default is the 20 it always was."""
+        if self.lr_warmup_iters is not None and not default:
+            return self.lr_warmup_iters
+        return min(20, self.train_iters // 10)
+
     def validate(self, path: str = "train") -> None:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "seq_length",
                      "log_interval", "eval_interval", "eval_iters"):
@@ -377,13 +385,16 @@ class TrainConfig:
             _fail(f"{path}.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             _fail(f"{path}.min_lr", self.min_lr, f"must be in [0, {path}.lr] = [0, {self.lr}]")
-        if not 0 <= self.lr_warmup_iters < self.train_iters:
+        if self.lr_warmup_iters is not None and not 0 <= self.lr_warmup_iters < self.train_iters:
             _fail(f"{path}.lr_warmup_iters", self.lr_warmup_iters,
-                  f"must be in [0, {path}.train_iters) = [0, {self.train_iters})")
+                  f"must be in [0, {path}.train_iters) = [0, {self.train_iters}): pass "
+                  f"{path}.lr_warmup_iters={max(0, self.train_iters - 1)} or less, or null for the default "
+                  f"min(20, {path}.train_iters // 10) = {self.resolved_lr_warmup_iters(default=True)}")
         _one_of(f"{path}.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.lr_warmup_iters:
+        warmup = self.resolved_lr_warmup_iters()
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= warmup:
             _fail(f"{path}.lr_decay_iters", self.lr_decay_iters,
-                  f"must be > {path}.lr_warmup_iters ({self.lr_warmup_iters})")
+                  f"must be > the warm-up, {path}.lr_warmup_iters ({warmup})")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(f"{path}.{name}", getattr(self, name), "must be in [0, 1)")
@@ -486,6 +497,9 @@ class RunConfig:
     # on this many consecutive logged steps (spec §4: large r collapses onto a few experts)
     collapse_share: float = 0.5
     collapse_intervals: int = 3
+    # intra-op (OpenMP) threads per process; None: the cores this process may use / the processes on
+    # this node (rexmoe_train/threads.py). OMP_NUM_THREADS set in the environment wins over both.
+    num_threads: Optional[int] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, path: str = "run") -> None:
@@ -494,6 +508,8 @@ class RunConfig:
         if not 0 < self.collapse_share <= 1:
             _fail(f"{path}.collapse_share", self.collapse_share, "must be in (0, 1]")
         _at_least(f"{path}.collapse_intervals", self.collapse_intervals, 1)
+        if self.num_threads is not None:
+            _at_least(f"{path}.num_threads", self.num_threads, 1)
         self.wandb.validate(f"{path}.wandb")
 
 

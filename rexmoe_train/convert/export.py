@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,95 @@ from rexmoe_train.convert.hf_format import (
 )
 
 EXPORT_META = "rexmoe_export.json"
+BYTE_EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's id 256 in an export (training only knows the id)
+_PROBE = "Probe: does the template add tokens? 1 2 3"
+
+
+@dataclass
+class ExportTokenizer:
+    """The tokenizer files an export ships, the end-of-document id, and what was changed."""
+
+    files: dict = field(default_factory=dict)  # file name -> text
+    eos_token_id: int = 0
+    note: str = ""
+
+
+def _byte_chars() -> list[str]:
+    """Byte b -> the printable character byte-level tokenizers stand it for: printable Latin-1
+    bytes stand for themselves, the other 68 take the code points from 256 on, in byte order (the
+    table the `tokenizers` ByteLevel pre-tokenizer and decoder use)."""
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_tokenizer_json() -> str:
+    """A tokenizer.json that gives exactly ByteTokenizer's ids: each UTF-8 byte b is id b (a BPE
+    with the 256 byte characters and no merges, after the ByteLevel pre-tokenizer without regex
+    splitting), end of document is id 256 (``<|endoftext|>``); decoding turns bytes back into text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_chars())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BYTE_EOD_TOKEN, special=True)])
+    assert tok.token_to_id(BYTE_EOD_TOKEN) == 256
+    return tok.to_str(pretty=True)
+
+
+def _tokenizer_config(eod_token: str, max_length: int, literal_specials_are_text: bool) -> str:
+    # tokenizer_class: without it transformers takes the class of the model type (Qwen2Tokenizer),
+    # which rebuilds its own pre-tokenizer and splits text differently from tokenizer.json
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token, "pad_token": eod_token,
+              "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+    if literal_specials_are_text:
+        # the byte tokenizer encodes the text "<|endoftext|>" as its 13 bytes: so must the export
+        config["split_special_tokens"] = True
+    return json.dumps(config, indent=2)
+
+
+def export_tokenizer(spec: str, cfg: ExperimentConfig, trained_vocab_size: Optional[int] = None,
+                     eod_token: Optional[str] = None) -> ExportTokenizer:
+    """The tokenizer an export ships: ``spec`` is "byte" or the tokenizer.json the data was
+    preprocessed with. ``AutoTokenizer`` on the export gives exactly the training ids: those of
+    rexmoe-preprocess, which encodes without the tokenizer's special-token template."""
+    from tokenizers import Tokenizer
+
+    from rexmoe_train.data.text_tokenizer import TokenizerLoadError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(spec, eod_token)
+    except TokenizerLoadError as err:
+        raise ConvertError(f"--tokenizer: {err}") from None
+    trained = cfg.model.vocab_size or trained_vocab_size
+    if trained is not None and (tok.vocab_size > trained or (cfg.model.vocab_size is None
+                                                             and tok.vocab_size != trained)):
+        raise ConvertError(f"--tokenizer {spec}: {tok.vocab_size} ids, but the checkpoint was trained with a "
+                           f"vocabulary of {trained} (data.tokenizer={cfg.data.tokenizer}): pass the "
+                           "tokenizer its data was preprocessed with")
+    max_length = cfg.model.max_position_embeddings or cfg.train.seq_length
+    if spec == "byte":
+        return ExportTokenizer({"tokenizer.json": byte_tokenizer_json(),
+                                "tokenizer_config.json": _tokenizer_config(BYTE_EOD_TOKEN, max_length, True)},
+                               tok.eod)
+    text, note = Path(spec).read_text(encoding="utf-8"), ""
+    hf = Tokenizer.from_str(text)
+    if hf.encode(_PROBE, add_special_tokens=True).ids != hf.encode(_PROBE, add_special_tokens=False).ids:
+        # a template (BOS/EOS around every text) that training never applied: drop it, or the
+        # exported tokenizer would feed the model ids it never saw
+        data = json.loads(text)
+        data["post_processor"] = None
+        text = json.dumps(data, ensure_ascii=False, indent=2)
+        note = "removed the tokenizer's special-token template (training data was encoded without it)"
+    return ExportTokenizer({"tokenizer.json": text,
+                            "tokenizer_config.json": _tokenizer_config(tok.eod_token, max_length, False)},
+                           tok.eod, note)
 
 
 def bank_experts(state: dict, group_index: int, num_candidates: int) -> list:
@@ -47,13 +137,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _file_mode() -> int:
+    """The mode a plain new file gets here (0644 under the usual umask 022)."""
+    umask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_shards(out: Path, shards: Iterable[tuple[str, Iterable]], total: int,
                   progress: bool, dtype: Optional[torch.dtype] = None) -> dict:
     """Write each (label, tensors) as one safetensors file. ``shards`` may be lazy: a streamed source
     reads a part only when its shard is written, and nothing of a shard outlives its file."""
     from tqdm import tqdm  # here, not at module level: importing rexmoe_train must not need tqdm
 
-    weight_map, written = {}, 0
+    weight_map, written, mode = {}, 0, _file_mode()
     bar = tqdm(total=total, desc="export", unit="shard", disable=not progress)
     try:
         for index, (label, tensors) in enumerate(shards):
@@ -64,6 +161,9 @@ def _write_shards(out: Path, shards: Iterable[tuple[str, Iterable]], total: int,
                      .contiguous().clone() for k, v in tensors}
             del tensors
             save_file(block, str(out / name), metadata={"format": "pt", "part": label})
+            # safetensors (0.8) creates its files with mode 0600 whatever the umask: give the shard
+            # the mode config.json gets, so whoever may read the export can read its weights
+            os.chmod(out / name, mode)
             for key in block:
                 weight_map[key] = name
             del block
@@ -153,15 +253,19 @@ def _compact_shards(cfg: ExperimentConfig, keys: Iterable[str]) -> list[tuple[st
 
 
 def export_hf(cfg: ExperimentConfig, state, vocab_size: int, out: Path, *,
-              tokenizer_vocab_size: Optional[int] = None, tokenizer_file: Optional[Path] = None,
+              tokenizer_vocab_size: Optional[int] = None, tokenizer: Optional[ExportTokenizer] = None,
               source: str = "", overwrite: bool = False, progress: bool = True) -> Path:
     """Unrolled Qwen2-MoE export of a 1-process ReXMoE state dict (PSR fully open).
 
     ``state``: the 1-process state dict, or a StreamedCheckpoint (reads one layer at a time).
     ``vocab_size`` is the (padded) embedding size; ``tokenizer_vocab_size`` the tokenizer's, which
-    a later import-hf needs to give the training checkpoint the same signature."""
+    a later import-hf needs to give the training checkpoint the same signature. ``tokenizer``
+    (:func:`export_tokenizer`): its files are written and its end-of-document id becomes the
+    model's ``eos_token_id`` (config.json and generation_config.json)."""
     check_exportable(cfg)
     config = hf_config(cfg, vocab_size)
+    if tokenizer is not None:
+        config["eos_token_id"] = config["pad_token_id"] = tokenizer.eos_token_id
     plan = cfg.reuse_plan()
     src = as_source(state)
 
@@ -186,8 +290,11 @@ def export_hf(cfg: ExperimentConfig, state, vocab_size: int, out: Path, *,
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         meta = _export_meta(cfg, source, compact=False) | {"vocab_size": tokenizer_vocab_size or vocab_size}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if tokenizer is not None:
+            for name, text in tokenizer.files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.eos_token_id}, indent=2))
 
     return _atomic_dir(out, write, overwrite)
 

@@ -8,6 +8,11 @@
 * ``reuse_matrix_group{g}.png`` (when records carry ``reuse_matrix``): per group, the r x r share
   of each router's assignments (row: router layer position in the group) that go to each owner
   layer's experts (column), from the last record that has it.
+* time series against step, each when the records carry it: ``psr_candidates.png`` (candidates
+  each router may choose, PSR), ``maxvio.png`` (MaxVio per MoE layer, ``load_violation_max``, and
+  per reuse group over the pooled experts, ``group_load_violation_max``, dashed), ``under_used.png``
+  (share of each layer's available candidates below the under-used threshold,
+  ``under_used_fraction``) and ``lr.png`` (learning rate).
 
 Needs only matplotlib (Agg backend: no display). A missing run dir or a metrics.jsonl without
 records is one line on stderr and exit status 2.
@@ -19,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["load_records", "plot_run", "PlotError"]
+__all__ = ["load_records", "plot_run", "PlotError", "time_series"]
 
 EXIT_USAGE = 2
 
@@ -64,6 +69,84 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
             steps.append(r["step"])
             values.append(float(value))
     return steps, values
+
+
+def _indexed_series(records: list[dict], key: str) -> dict[int, tuple[list[float], list[float]]]:
+    """A per-layer (per-group) list field as one (steps, values) series per list index."""
+    out: dict[int, tuple[list[float], list[float]]] = {}
+    for r in records:
+        value = r.get(key)
+        if not isinstance(value, list) or "step" not in r:
+            continue
+        for i, v in enumerate(value):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                steps, values = out.setdefault(i, ([], []))
+                steps.append(r["step"])
+                values.append(float(v))
+    return out
+
+
+# (file stem, title, y label, [(metrics key, label of list index i or None for a scalar, line style)])
+TIME_SERIES = (
+    ("psr_candidates", "PSR: candidates per router", "candidate experts",
+     [("psr_candidates", None, {"lw": 1.6})]),
+    ("maxvio", "MaxVio (max load / mean load - 1)", "MaxVio",
+     [("load_violation_max", "MoE layer {i}", {"lw": 1.0}),
+      ("group_load_violation_max", "group {i} (pooled)", {"lw": 1.6, "ls": "--"})]),
+    ("under_used", "under-used candidates (load < 10% of the uniform share)", "share of available candidates",
+     [("under_used_fraction", "MoE layer {i}", {"lw": 1.0})]),
+    ("lr", "learning rate", "lr", [("lr", None, {"lw": 1.6})]),
+)
+
+
+def _curves(records: list[dict]) -> dict[str, list[tuple[str, dict, list[float], list[float]]]]:
+    """{file stem: [(label, line style, steps, values)]} of the time-series plots that have data."""
+    out = {}
+    for stem, _, _, curves in TIME_SERIES:
+        lines = []
+        for key, label, style in curves:
+            if label is None:
+                steps, values = _series(records, key)
+                if steps:
+                    lines.append((key, style, steps, values))
+            else:
+                lines += [(label.format(i=i), style, steps, values)
+                          for i, (steps, values) in _indexed_series(records, key).items()]
+        if lines:
+            out[stem] = lines
+    return out
+
+
+def time_series(records: list[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """{file stem: {curve label: (steps, values)}}: what the time-series plots draw."""
+    return {stem: {label: (steps, values) for label, _, steps, values in lines}
+            for stem, lines in _curves(records).items()}
+
+
+def _plot_time_series(plt: Any, records: list[dict], out: Path) -> list[Path]:
+    from matplotlib.ticker import MaxNLocator
+
+    paths = []
+    data = _curves(records)
+    for stem, title, ylabel, _ in TIME_SERIES:
+        if stem not in data:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for label, style, steps, values in data[stem]:
+            ax.plot(steps, values, label=label, **style)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(data[stem]) > 1:
+            ax.legend(fontsize=7, ncol=2 if len(data[stem]) > 6 else 1)
+        ax.set_title(title)
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def _plot_losses(plt: Any, records: list[dict], out: Path) -> Optional[Path]:
@@ -166,10 +249,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     loss = _plot_losses(plt, records, out_dir)
     if loss is not None:
         paths.append(loss)
+    paths.extend(_plot_time_series(plt, records, out_dir))
     for key, draw in (("expert_load", _plot_expert_load), ("reuse_matrix", _plot_reuse_matrix)):
         record = _last_with(records, key)
         if record is not None:
             paths.extend(draw(plt, record, out_dir))
     if not paths:
-        raise PlotError(f"{run_dir / 'metrics.jsonl'} has no loss, val_loss, expert_load or reuse_matrix")
+        raise PlotError(f"{run_dir / 'metrics.jsonl'} has no loss, val_loss, expert_load, reuse_matrix, "
+                        "psr_candidates, load_violation_max, under_used_fraction or lr")
     return paths

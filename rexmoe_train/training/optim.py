@@ -51,7 +51,7 @@ def build_optimizer(cfg: ExperimentConfig, wrapped_chunks: list, tc):
         init_lr=0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
+        lr_warmup_steps=t.resolved_lr_warmup_iters(),
         lr_decay_steps=t.lr_decay_iters or t.train_iters,
         lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay,

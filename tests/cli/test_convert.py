@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,7 +65,19 @@ def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_wo
 
     # export -> import through the CLI: bitwise the same weights
     hf, back = tmp_path / "hf", tmp_path / "back"
-    assert convert("export-hf", str(up), str(hf)).returncode == 0
+    proc = convert("export-hf", str(up), str(hf))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # trained on bytes: the byte tokenizer ships without being asked (tests/convert/test_export_tokenizer.py
+    # checks its ids through transformers), and the model knows its end-of-document id
+    assert "tokenizer byte (eos_token_id 256)" in proc.stdout
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == 256
+    # weights readable by whoever may read config.json (safetensors alone writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in hf.iterdir()}
+    assert modes["config.json"] == 0o666 & ~umask
+    assert all(mode == modes["config.json"] for mode in modes.values()), modes
     proc = convert("import-hf", str(hf), str(back), "--step", str(meta["step"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     original = {k: v.clone() for k, v in upcycled.chunks[0].state_dict().items() if torch.is_tensor(v)}
@@ -89,17 +102,32 @@ def test_bad_inputs_one_line_exit_2(tmp_path, vanilla_checkpoint):
     shard.write_bytes(shard.read_bytes()[:100])
     reused = tmp_path / "reused"
     assert convert("upcycle", str(vanilla_checkpoint), str(reused), "-r", "2").returncode == 0
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    other = Tokenizer(models.BPE(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(["a small corpus for a small tokenizer"] * 20,
+                              trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    other.save(str(tmp_path / "other.json"))
     cases = [
         (["export-hf", str(tmp_path / "missing"), str(tmp_path / "o1")], "no such checkpoint directory"),
         (["inspect", str(not_ckpt)], "not a ReXMoE checkpoint"),
         (["import-hf", str(not_ckpt), str(tmp_path / "o2")], "only exports made by"),
         (["import-hf", str(corrupt), str(tmp_path / "o3")], "cannot read safetensors"),
         (["upcycle", str(reused), str(tmp_path / "o4"), "-r", "4"], "must be a vanilla MoE"),
+        (["inspect", str(vanilla_checkpoint), "--ep", "3"], "--ep 3: the expert-parallel size must divide "
+                                                            "model.num_moe_experts (8): one of 1, 2, 4, 8"),
+        (["inspect", str(vanilla_checkpoint), "--ep", "x"], "argument --ep: invalid int value"),
+        (["export-hf", str(vanilla_checkpoint), str(tmp_path / "o5"), "--tokenizer", str(tmp_path / "other.json")],
+         "was trained with a vocabulary of 257 (data.tokenizer=byte)"),
+        (["export-hf", str(vanilla_checkpoint), str(tmp_path / "o6"), "--tokenizer", str(tmp_path / "nope.json")],
+         "no such file"),
+        (["export-hf", str(vanilla_checkpoint), str(tmp_path / "other.json")], "Not a directory"),
     ]
     for args, message in cases:
         proc = convert(*args)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (args, proc.stderr[-1500:])
         assert len(lines) == 1 and message in lines[0], (args, proc.stderr[-1500:])
-        out = Path(args[2]) if len(args) > 2 else None
-        assert out is None or not out.exists(), f"{args[0]} left output behind"
+        out = Path(args[2]) if len(args) > 2 and args[0] != "inspect" else None
+        assert out is None or not out.exists() or out.is_file(), f"{args[0]} left output behind"

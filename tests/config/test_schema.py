@@ -38,6 +38,10 @@ BAD = [
     ({"train": {"lr": 0.0}}, "train.lr", "> 0"),
     ({"train": {"min_lr": 1.0}}, "train.min_lr", "[0, train.lr]"),
     ({"train": {"lr_warmup_iters": 300}}, "train.lr_warmup_iters", "train.train_iters"),
+    ({"train": {"train_iters": 20, "lr_warmup_iters": 20}}, "train.lr_warmup_iters",
+     "pass train.lr_warmup_iters=19 or less, or null for the default min(20, train.train_iters // 10) = 2"),
+    ({"train": {"train_iters": 20, "lr_decay_iters": 2}}, "train.lr_decay_iters", "warm-up, train.lr_warmup_iters (2)"),
+    ({"run": {"num_threads": 0}}, "run.num_threads", ">= 1"),
     ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, "train.global_batch_size", "multiple"),
     ({"train": {"lr_decay_style": "step"}}, "train.lr_decay_style", "cosine"),
     ({"train": {"adam_beta2": 1.0}}, "train.adam_beta2", "[0, 1)"),
@@ -118,3 +122,12 @@ def test_world_size_layout_checks():
     cfg = experiment_from_dict(_tiny_dict({"train": {"global_batch_size": 8, "micro_batch_size": 8}}))
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         cfg.validate(world_size=2)
+
+
+@pytest.mark.parametrize("train_iters,warmup", [(1, 0), (3, 0), (10, 1), (20, 2), (150, 15), (250, 20), (47684, 20)])
+def test_warmup_default_follows_run_length(train_iters, warmup):
+    """A smoke run of any length is valid without naming the warm-up; an explicit one is kept."""
+    cfg = experiment_from_dict(_tiny_dict({"train": {"train_iters": train_iters}})).validate(world_size=1)
+    assert cfg.train.lr_warmup_iters is None and cfg.train.resolved_lr_warmup_iters() == warmup
+    cfg = experiment_from_dict(_tiny_dict({"train": {"train_iters": 300, "lr_warmup_iters": 7}})).validate()
+    assert cfg.train.resolved_lr_warmup_iters() == 7

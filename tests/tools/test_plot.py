@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rexmoe_train.cli.plot import main
-from rexmoe_train.tools.plot import plot_run
+from rexmoe_train.tools.plot import load_records, plot_run, time_series
 
 
 def _write_metrics(run_dir: Path) -> None:
@@ -17,6 +17,12 @@ def _write_metrics(run_dir: Path) -> None:
     records = [{"step": 0, "consumed_samples": 0, "val_loss": 5.6}]
     for step in range(1, 21):
         records.append({"step": step, "loss": 5.6 - 0.1 * step, "lm_loss": 5.5 - 0.1 * step})
+        if step % 2:  # the per-step routing metrics, as the trainer logs them (every other step here)
+            records[-1].update(
+                psr_candidates=min(8 + step, 16), lr=1e-3 * min(step, 5) / 5,
+                load_violation_max=rng.uniform(0, 3, size=3).round(4).tolist(),
+                under_used_fraction=rng.uniform(0, 1, size=3).round(4).tolist(),
+                group_load_violation_max=rng.uniform(0, 2, size=2).round(4).tolist())
     # an early record with three groups: the plots must use the LAST record with each field
     records[5]["expert_load"] = [[[1, 2], [3, 4]]] * 3
     records[5]["reuse_matrix"] = [[[1.0]]] * 3
@@ -43,7 +49,8 @@ def test_plots_written(tmp_path):
     paths = plot_run(tmp_path, out)
     assert sorted(p.name for p in paths) == sorted([
         "loss.png", "expert_load_group0.png", "expert_load_group1.png",
-        "reuse_matrix_group0.png", "reuse_matrix_group1.png"])
+        "reuse_matrix_group0.png", "reuse_matrix_group1.png",
+        "psr_candidates.png", "maxvio.png", "under_used.png", "lr.png"])
     for path in paths:
         assert path.parent == out
         _png_ok(path)
@@ -70,3 +77,25 @@ def test_errors_one_line_exit_2(tmp_path, capsys, setup, phrase):
     assert main([str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("rexmoe-plot: error:") and phrase in err
+
+
+def test_time_series_come_from_the_records(tmp_path):
+    """Every curve is exactly its field over the records that carry it, in step order."""
+    _write_metrics(tmp_path)
+    raw = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:-1]]
+    logged = [r for r in raw if "psr_candidates" in r]
+    steps = [r["step"] for r in logged]
+    assert steps == list(range(1, 21, 2))
+    series = time_series(load_records(tmp_path))
+    assert series["psr_candidates"] == {"psr_candidates": (steps, [float(r["psr_candidates"]) for r in logged])}
+    assert series["lr"] == {"lr": (steps, [r["lr"] for r in logged])}
+    maxvio = series["maxvio"]
+    assert sorted(maxvio) == sorted([f"MoE layer {i}" for i in range(3)] + ["group 0 (pooled)", "group 1 (pooled)"])
+    for i in range(3):
+        assert maxvio[f"MoE layer {i}"] == (steps, [r["load_violation_max"][i] for r in logged])
+        assert series["under_used"][f"MoE layer {i}"] == (steps, [r["under_used_fraction"][i] for r in logged])
+    assert maxvio["group 1 (pooled)"] == (steps, [r["group_load_violation_max"][1] for r in logged])
+    # a loss-only run has none of them, and writes none of their files
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    assert time_series(load_records(tmp_path)) == {}
+    assert [p.name for p in plot_run(tmp_path, tmp_path / "o")] == ["loss.png"]
