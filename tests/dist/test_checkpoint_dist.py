@@ -17,7 +17,6 @@ _shared_dir, _remove_shared_dir = _reference.shared_dir, _reference.remove_share
 
 
 def _trainer(cfg):
-    from rexmoe_train import platform
     from rexmoe_train import compat
     from rexmoe_train.training.trainer import Trainer
 
@@ -119,7 +118,7 @@ def one_process_references():
     of this reference cannot load the optimizer state) the same resumed from step 3 with a fresh Adam
     state (tests/dist/_reference.py). Not an indirectly parametrized module fixture: pytest sets that
     up again for every test whose parameter set differs (here: every layout)."""
-    from rexmoe_train import platform
+    from rexmoe_train import compat
 
     compat.install()
     from rexmoe_train.parallel.state import init_distributed

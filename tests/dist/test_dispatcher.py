@@ -166,7 +166,6 @@ def test_dedup_bytes_follow_formula_and_combine_is_exact(layout):
 
 def test_trainer_logs_dispatch_bytes(megatron_world, tmp_path):
     """A real training step with rexmoe_dedup at ep=2 reports world-summed bytes, fewer than stock."""
-    from rexmoe_train import platform
     from rexmoe_train import compat
     from rexmoe_train.training.trainer import Trainer
 
