@@ -99,6 +99,15 @@ class OptimizerState:
             self.optimizer.load_state_dict(loaded["optimizer"])
         _restore_distributed_optimizer_steps(self.optimizer)
 
+    def apply_config(self, train) -> None:
+        """Adam's betas and eps as the config says: torch's load_state_dict restores the checkpoint's
+        into every param group (lr and weight decay are the scheduler's, set on its next step)."""
+        for group in self.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (train.adam_beta1, train.adam_beta2)
+            if "eps" in group:
+                group["eps"] = train.adam_eps
+
     def skip(self) -> None:
         """Model weights loaded without optimizer state: refresh the fp32 main params from them."""
         self.optimizer.reload_model_params()
