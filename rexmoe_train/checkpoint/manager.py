@@ -322,7 +322,6 @@ class CheckpointManager:
         self.model.load(state)
         if with_optimizer:
             self.optimizer.load(state)
-            self.optimizer.apply_config(cfg.train)  # torch restored the checkpoint's betas/eps
         else:
             self.optimizer.skip()
         try:

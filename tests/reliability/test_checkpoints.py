@@ -33,11 +33,13 @@ def _plant(root: Path, tmp_path: Path) -> tuple[Path, Path]:
     shutil.copytree(root, ckpt_root)
     iter_dir = ckpt_root / layout.iter_name(layout.read_tracker(ckpt_root))
     marker = tmp_path / "EXECUTED"
-    (iter_dir / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    size = (iter_dir / ".metadata").stat().st_size
+    payload = pickle.dumps(_Payload(marker))  # padded to the same size: unpickling stops at STOP
+    (iter_dir / ".metadata").write_bytes(payload + bytes(size - len(payload)))
     return iter_dir, marker
 
 
-def _entry_points(iter_dir: Path, tmp_path: Path, monkeypatch) -> list[tuple[str, int, str]]:
+def _entry_points(iter_dir: Path, tmp_path: Path) -> list[tuple[str, int, str]]:
     """Load ``iter_dir`` through training (the manager's rank-0 checks), rexmoe-eval and rexmoe-convert."""
     from rexmoe_train.checkpoint import CheckpointError, compatibility
     from rexmoe_train.cli import convert, eval as eval_cli
@@ -51,13 +53,12 @@ def _entry_points(iter_dir: Path, tmp_path: Path, monkeypatch) -> list[tuple[str
         out.append(("train", 2, str(err)))
     for name, main, argv in (("eval", eval_cli.main, [str(iter_dir), "--batches", "1"]),
                              ("convert", convert.main, ["export-hf", str(iter_dir), str(tmp_path / "hf")])):
+        import contextlib
         import io
-        import sys
 
         err = io.StringIO()
-        monkeypatch.setattr(sys, "stderr", err)
-        rc = main(argv)
-        monkeypatch.undo()
+        with contextlib.redirect_stderr(err):
+            rc = main(argv)
         out.append((name, rc, err.getvalue().strip()))
     return out
 
@@ -88,7 +89,7 @@ def test_crafted_metadata_never_executes(saved_checkpoint, tmp_path, monkeypatch
         layout.write_manifest(iter_dir, meta)
         monkeypatch.setenv(layout.KEY_ENV, "the-owners-key")
         needle = "not signed" if attack.startswith("re-digested") else "signature does not match"
-    for name, rc, message in _entry_points(iter_dir, tmp_path, monkeypatch):
+    for name, rc, message in _entry_points(iter_dir, tmp_path):
         assert rc == 2 and needle in message and "\n" not in message, (name, message)
     assert not marker.exists() and not (tmp_path / "run").exists() and not (tmp_path / "hf").exists()
 
