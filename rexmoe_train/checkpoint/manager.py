@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import errno as errno_names
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -91,20 +92,37 @@ def _broadcast_object(obj: Any) -> Any:
 
 def _os_error(err: BaseException) -> Optional[OSError]:
     """The OSError behind ``err``: itself, a cause/context, or one of the per-rank failures torch's
-    CheckpointException (a BaseException) collects."""
+    CheckpointException (a BaseException) collects as (exception, traceback) pairs. megatron's async
+    file writer re-raises a worker's OSError as ``RuntimeError("Worker failure: [Errno 28] ...")``:
+    the errno is read back from that text."""
     seen = set()
     stack = [err]
     while stack:
         e = stack.pop()
-        if e is None or id(e) in seen:
+        if isinstance(e, tuple):  # torch's WRAPPED_EXCEPTION
+            e = e[0] if e else None
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno is not None:
             return e
+        found = _ERRNO_TEXT.search(str(e))
+        if found:
+            return OSError(int(found.group(1)), found.group(2).strip())
         stack += [e.__cause__, e.__context__]
-        for failure in getattr(e, "failures", {}).values():  # CheckpointException: {rank: exception}
-            stack.append(failure if isinstance(failure, BaseException) else getattr(failure, "exc", None))
+        stack += list(getattr(e, "failures", {}).values())
     return None
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:'\n]+)")
 
 
 def describe_os_error(err: OSError, fallback: Path) -> str:
@@ -211,8 +229,6 @@ class CheckpointManager:
             dist_checkpointing.save(sd, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
                                     validate_access_integrity=True)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - ENOSPC & co.: see _save_failed
-            if _os_error(err) is None:
-                raise
             error = self._save_failed(step, tmp, err)
         # every rank learns whether any rank failed (a rank that raised alone would hang the others)
         errors = [None] * dist.get_world_size()
@@ -252,9 +268,15 @@ class CheckpointManager:
 
     def _save_failed(self, step: int, tmp: Path, err: BaseException) -> str:
         """One line for an OS error during a save; the partial directory goes, the rest is untouched."""
-        os_err = _os_error(err) or err
+        os_err = _os_error(err)
         shutil.rmtree(tmp, ignore_errors=True)
-        where = describe_os_error(os_err, tmp) if isinstance(os_err, OSError) else f"{tmp}: {os_err}"
+        if os_err is None and _nearly_full(self.root):
+            # a full disk also surfaces without an errno (torch's zip writer: "unexpected pos")
+            os_err = OSError(errno_names.ENOSPC, os.strerror(errno_names.ENOSPC))
+        if os_err is not None:
+            where = describe_os_error(os_err, tmp)
+        else:
+            where = f"{tmp}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
         kept = self.train_state.last_saved_step
         return (f"checkpoint error: saving step {step} failed: {where}; the previous checkpoint "
                 f"({'step ' + str(kept) if kept else 'none'}) and {layout.TRACKER} are untouched")

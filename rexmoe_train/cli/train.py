@@ -130,10 +130,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ck.exit_signal_handler:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, lambda signum, _frame: early.append(signum))
+    import logging
+    import warnings
+
     from rexmoe_train import compat
 
     compat.install()  # the megatron-core CPU layer, before the first megatron import
     from rexmoe_train.training import guard
+
+    # torch.distributed.checkpoint's own deprecation warnings (ShardedTensor) on every save and load;
+    # and megatron's async writer logs a failed write before raising it, which the save turns into
+    # its one error line (checkpoint/manager.py): without a handler Python would print it too
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addHandler(
+        logging.NullHandler())
 
     signals = guard.StopSignals(ck.exit_signal_handler, ck.exit_duration_mins, time.monotonic())
     signals.install()  # replaces the bridge with no gap (uninstalling puts the bridge back: harmless)

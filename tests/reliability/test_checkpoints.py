@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rexmoe_train.checkpoint import layout
-from tests.training.test_checkpoint import losses, make_trainer, ramp_config, saved_checkpoint, snapshot  # noqa: F401
+from tests.training.test_checkpoint import make_trainer, ramp_config, snapshot
 
 
 class _Payload:
@@ -42,7 +42,8 @@ def _plant(root: Path, tmp_path: Path) -> tuple[Path, Path]:
 def _entry_points(iter_dir: Path, tmp_path: Path) -> list[tuple[str, int, str]]:
     """Load ``iter_dir`` through training (the manager's rank-0 checks), rexmoe-eval and rexmoe-convert."""
     from rexmoe_train.checkpoint import CheckpointError, compatibility
-    from rexmoe_train.cli import convert, eval as eval_cli
+    from rexmoe_train.cli import convert
+    from rexmoe_train.cli import eval as eval_cli
 
     out = []
     cfg = ramp_config(tmp_path / "run", train_iters=2, load=str(iter_dir))

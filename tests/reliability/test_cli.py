@@ -53,7 +53,7 @@ def test_locked_run_dir_exits_2_naming_the_holder(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1, err[-2000:]
     assert f"is in use by pid {os.getpid()} on host" in lines[0]
-    assert sorted(p.name for p in run_dir.iterdir()) == [layout.LOCK, "metrics.jsonl"]  # nothing touched
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([layout.LOCK, "metrics.jsonl"])  # nothing touched
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
