@@ -1,10 +1,13 @@
-"""One run per run directory: rank 0 holds an exclusive ``flock`` on ``<run.dir>/rexmoe.lock`` for the
+"""One run per run directory: rank 0 holds an exclusive lock on ``<run.dir>/rexmoe.lock`` for the
 whole run. Two processes started on the same run dir would otherwise delete each other's ``.tmp``
 saves and interleave ``metrics.jsonl``; the second one now stops with one line naming the holder.
 
-flock (not a pid file): the kernel drops the lock when the holder dies, however it dies (SIGKILL
-included), so a stale lock never blocks a restart. The holder's pid and host are written into the
-file only to be named in the error. On NFS, flock is emulated with fcntl locks on Linux >= 2.6.12.
+A kernel lock, not a pid file: it goes when the holder dies, however it dies (SIGKILL included), so a
+stale lock never blocks a restart. A POSIX record lock (``fcntl.lockf``) rather than ``flock``: flock
+locks belong to the open file, which megatron's forked checkpoint-writer processes inherit, so a
+killed trainer's leftover writers would keep the run dir locked; record locks belong to the process
+and are not inherited across fork (they also work on NFS). The holder's pid and host are written
+into the file only to be named in the error.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class RunLock:
             raise ConfigError(f"config error: run.dir={str(self.dir)!r}: cannot open {LOCK}: "
                               f"{err.strerror} (errno {err.errno})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held by another process
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             raise ConfigError(f"config error: run.dir={str(self.dir)!r} is in use by {holder} "
@@ -64,6 +67,6 @@ class RunLock:
                 self.dir.rmdir()  # only when empty
             except OSError:
                 pass
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
