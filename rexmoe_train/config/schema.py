@@ -562,9 +562,6 @@ class ExperimentConfig:
         if self.train.seq_length % p.tensor_model_parallel_size:
             _fail("train.seq_length", self.train.seq_length,
                   "must be divisible by parallel.tensor_model_parallel_size (sequence parallelism)")
-        if m.max_position_embeddings is not None and m.max_position_embeddings < self.train.seq_length:
-            _fail("model.max_position_embeddings", m.max_position_embeddings,
-                  f"must be >= train.seq_length ({self.train.seq_length}) or null")
         if self.train.fp8 is not None and m.transformer_impl == "local":
             _fail("train.fp8", self.train.fp8,
                   "needs Transformer Engine (model.transformer_impl=local never uses it); use "

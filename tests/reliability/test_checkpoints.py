@@ -199,3 +199,13 @@ def test_a_run_that_never_trains_does_not_exit_0(megatron_world, tmp_path):
     with pytest.raises(guard.TrainingHalted, match="all 3 steps of this run were skipped"):
         trainer.run()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_vocabulary_smaller_than_the_tokenizer_is_one_line(megatron_world, tmp_path):
+    from rexmoe_train.config.schema import ConfigError
+
+    cfg = ramp_config(tmp_path / "run", train_iters=2)
+    cfg.model.vocab_size = 100  # the byte tokenizer has 256 (+ specials)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=100: must be >= the tokenizer's vocabulary") as err:
+        make_trainer(cfg)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()

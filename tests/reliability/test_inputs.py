@@ -31,7 +31,7 @@ BAD_VALUES = [
     ("model.init_method_std=0", "model.init_method_std="), ("model.init_method_std=inf", "model.init_method_std="),
     ("model.norm_epsilon=nan", "model.norm_epsilon="), ("model.vocab_size=0", "model.vocab_size="),
     ("model.moe_expert_capacity_factor=inf", "model.moe_expert_capacity_factor="),
-    ("model.max_position_embeddings=8", "model.max_position_embeddings="),
+    ("model.max_position_embeddings=0", "model.max_position_embeddings="),
     ("rexmoe.balance.z_loss_coeff=nan", "rexmoe.balance.z_loss_coeff="),
     ("rexmoe.balance.moe_router_bias_update_rate=inf", "rexmoe.balance.moe_router_bias_update_rate="),
     ("rexmoe.psr.seed=-1", "rexmoe.psr.seed="), ("train.seed=-3", "train.seed="),
