@@ -9,15 +9,27 @@ Layout (as Megatron-LM)::
         config.yaml                              the resolved config of the run that saved it
 
 A save writes ``iter_0000100.tmp`` and renames it once complete (manager.py); the pointer is replaced
-atomically (temp file + fsync + ``os.replace`` + fsync). Torch-only: the converters and ``rexmoe-eval``
+atomically (temp file + fsync + ``os.replace`` + fsync). Torch-free: the converters and ``rexmoe-eval``
 read checkpoints through this module without megatron.
+
+Integrity and trust (docs/reliability.md). The manifest lists every file with its size and a BLAKE3
+digest of its content; :func:`read_metadata` re-hashes every file and compares BEFORE anything of the
+checkpoint is unpickled or read into tensors (torch_dist's ``.metadata`` and ``common.pt`` are pickles).
+BLAKE3 rather than crc32c/xxh3 because the digests are also what a signature binds: with a
+non-cryptographic checksum a crafted ``.metadata`` could be given the checksum of the signed one.
+With ``REXMOE_CHECKPOINT_KEY`` set, the manifest is signed at save (HMAC-SHA256 over its canonical
+JSON) and a load refuses a checkpoint whose manifest is unsigned or signed with another key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +38,11 @@ from rexmoe_train.checkpoint.errors import CheckpointError
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "rexmoe_checkpoint.json"  # the manifest
 CONFIG = "config.yaml"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files map to {"size", "<hash>"}; 1 (sizes only) still loads without a key
+FORMATS = (1, 2)
+KEY_ENV = "REXMOE_CHECKPOINT_KEY"
+LOCK = "rexmoe.lock"  # in run.dir: held by rank 0 for a whole run (training/run_lock.py)
+_STEP = re.compile(r"[0-9]+")
 
 
 def iter_name(step: int) -> str:
@@ -84,16 +100,91 @@ def file_sizes(root: Path) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# content digests and signatures
+# --------------------------------------------------------------------------------------------------
+def hash_name() -> str:
+    """BLAKE3 when the package is there (a dependency); hashlib's sha256 otherwise (slower, same
+    guarantees). The manifest records which one it used."""
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return "sha256"
+    return "blake3"
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    if algorithm == "blake3":
+        import blake3
+
+        # update_mmap: no copy through Python buffers; one thread per file (files hash in parallel)
+        return blake3.blake3().update_mmap(str(path)).hexdigest()
+    if algorithm == "sha256":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    raise CheckpointError(f"checkpoint error: {path}: unknown digest {algorithm!r} in {META} "
+                          "(known: blake3, sha256)")
+
+
+def _parallel(fn, items: list):
+    """Hash several files at once: both hash functions release the GIL on large buffers."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(8, len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def file_entries(root: Path, algorithm: Optional[str] = None) -> dict[str, dict]:
+    """Every file under ``root`` but the manifest: {relative path: {"size": bytes, algorithm: hex}}."""
+    algorithm = algorithm or hash_name()
+    sizes = file_sizes(root)
+    names = sorted(sizes)
+    digests = _parallel(lambda n: file_digest(root / n, algorithm), names)
+    return {n: {"size": sizes[n], algorithm: d} for n, d in zip(names, digests)}
+
+
+def signing_key() -> Optional[bytes]:
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def _canonical(meta: dict) -> bytes:
+    unsigned = {k: v for k, v in meta.items() if k != "signature"}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+
+
+def signature(meta: dict, key: bytes) -> str:
+    return hmac.new(key, _canonical(meta), hashlib.sha256).hexdigest()
+
+
+def manifest_digest(ckpt: Path) -> Optional[str]:
+    """sha256 of the manifest's bytes: it names every file's digest, so equal digests (with the files
+    verified) mean the same checkpoint. None when there is no readable manifest."""
+    try:
+        return hashlib.sha256((ckpt / META).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
 # finding a checkpoint and reading its manifest
 # --------------------------------------------------------------------------------------------------
 def read_tracker(root: Path) -> int:
     path = root / TRACKER
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()
     except OSError as err:
-        raise CheckpointError(f"checkpoint error: cannot read {path}: {err.strerror}") from None
-    if not text.isdigit():
-        raise CheckpointError(f"checkpoint error: {path} must hold a step number, found {text[:40]!r}")
+        raise CheckpointError(f"checkpoint error: cannot read {path}: {err.strerror} (errno {err.errno})") from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = None
+    # ASCII digits only: str.isdigit() also accepts e.g. superscripts, which int() rejects
+    if text is None or not _STEP.fullmatch(text):
+        raise CheckpointError(f"checkpoint error: {path} must hold a step number (ASCII digits), found "
+                              f"{raw[:40]!r}")
     return int(text)
 
 
@@ -118,41 +209,105 @@ def locate(cfg) -> Optional[Path]:
                           f"directory ({TRACKER}) nor an iter_* directory ({META})")
 
 
-def read_metadata(ckpt: Path) -> dict:
-    """Parse and check the manifest and that every file it lists is there, whole."""
+def read_metadata(ckpt: Path, verify: bool = True) -> dict:
+    """Parse and check the manifest, its signature (when ``REXMOE_CHECKPOINT_KEY`` is set) and every
+    file it lists: there, whole, and (``verify``) with the recorded content digest. The only reads
+    before this returns are the manifest (JSON) and the files' raw bytes: nothing is unpickled."""
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint error: {ckpt} does not exist (the pointer names a missing "
                               "checkpoint)")
     path = ckpt / META
     try:
-        meta = json.loads(path.read_text())
+        raw = path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint error: {ckpt} is incomplete: {META} is missing") from None
-    except (OSError, ValueError) as err:
+    except OSError as err:
+        raise CheckpointError(f"checkpoint error: cannot read {path}: {err.strerror} (errno {err.errno})") from None
+    except ValueError as err:  # JSON and UTF-8 decoding errors
         raise CheckpointError(f"checkpoint error: {path} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
         raise CheckpointError(f"checkpoint error: {path}: unknown format "
                               f"{meta.get('format') if isinstance(meta, dict) else meta!r}, "
-                              f"expected {FORMAT_VERSION}")
+                              f"expected one of {', '.join(map(str, FORMATS))}")
+    check_signature(path, meta)
     for key in ("step", "model", "parallel", "files"):
         if key not in meta:
             raise CheckpointError(f"checkpoint error: {path}: field {key!r} is missing")
     if not isinstance(meta["step"], int) or meta["step"] < 1:
         raise CheckpointError(f"checkpoint error: {path}: step must be a positive integer, "
                               f"found {meta['step']!r}")
-    for name, size in sorted(meta["files"].items()):
+    if not isinstance(meta["files"], dict) or not meta["files"]:
+        raise CheckpointError(f"checkpoint error: {path}: field 'files' must list the checkpoint's files")
+    entries = {}
+    for name, entry in sorted(meta["files"].items()):
+        size = entry if meta["format"] == 1 else (entry.get("size") if isinstance(entry, dict) else None)
+        if not isinstance(size, int) or (meta["format"] != 1 and len(entry) != 2):
+            raise CheckpointError(f"checkpoint error: {path}: files[{name!r}] must be "
+                                  + ("a size" if meta["format"] == 1 else '{"size": N, "<digest>": HEX}'))
         p = ckpt / name
+        # names come from the manifest: a signed one is trusted, an unsigned one must stay inside
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise CheckpointError(f"checkpoint error: {path}: file name {name!r} leaves the checkpoint")
         if not p.is_file():
             raise CheckpointError(f"checkpoint error: {ckpt} is incomplete: {name} is missing")
         if p.stat().st_size != size:
             raise CheckpointError(f"checkpoint error: {ckpt} is damaged: {name} has "
                                   f"{p.stat().st_size} bytes, expected {size} (truncated?)")
+        entries[name] = entry
+    # files the manifest does not name would still be read by torch (e.g. a planted .metadata)
+    extra = sorted(set(file_sizes(ckpt)) - set(entries))
+    if extra and meta["format"] != 1:
+        raise CheckpointError(f"checkpoint error: {ckpt}: {extra[0]} is not listed in {META} "
+                              "(added after the save?)")
+    if verify and meta["format"] != 1:
+        verify_files(ckpt, entries)
+    meta["_digest"] = hashlib.sha256(raw).hexdigest()  # in memory only: which manifest was read
     return meta
 
 
+def check_signature(path: Path, meta: dict) -> None:
+    key = signing_key()
+    if key is None:
+        return
+    sig = meta.get("signature")
+    if not isinstance(sig, dict) or sig.get("alg") != "hmac-sha256" or not isinstance(sig.get("value"), str):
+        raise CheckpointError(f"checkpoint error: {path} is not signed and {KEY_ENV} is set: refusing "
+                              "to load a checkpoint of unknown origin (torch_dist files are pickles)")
+    if not hmac.compare_digest(sig["value"], signature(meta, key)):
+        raise CheckpointError(f"checkpoint error: {path}: signature does not match {KEY_ENV} (signed "
+                              "with another key, or changed after signing): refusing to load it")
+
+
+def verify_files(ckpt: Path, entries: dict) -> None:
+    """Re-hash every listed file and compare: the first mismatch (in name order) is the error."""
+    def check(name: str) -> Optional[str]:
+        entry = entries[name]
+        algorithm = next(k for k in entry if k != "size")
+        try:
+            got = file_digest(ckpt / name, algorithm)
+        except OSError as err:
+            return f"checkpoint error: cannot read {ckpt / name}: {err.strerror} (errno {err.errno})"
+        if got != entry[algorithm]:
+            return (f"checkpoint error: {ckpt} is damaged: {name} does not match its {algorithm} digest "
+                    f"in {META} (content changed after the save)")
+        return None
+
+    names = sorted(entries)
+    for problem in _parallel(check, names):
+        if problem:
+            raise CheckpointError(problem)
+
+
 def write_manifest(ckpt: Path, meta: dict) -> None:
-    """Add the file list to ``meta`` and write it durably (the last file of a checkpoint)."""
-    meta["files"] = file_sizes(ckpt)
+    """Add the file list with content digests to ``meta``, sign it when ``REXMOE_CHECKPOINT_KEY`` is
+    set, and write it durably (the last file of a checkpoint)."""
+    meta["format"] = FORMAT_VERSION
+    meta["files"] = file_entries(ckpt)
+    meta.pop("signature", None)
+    key = signing_key()
+    if key is not None:
+        meta["signature"] = {"alg": "hmac-sha256", "value": signature(meta, key)}
     write_durable(ckpt / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -163,6 +318,10 @@ def remove_stale_tmp(root: Path) -> None:
     """``iter_*.tmp`` dirs are left by a save that was killed: never a checkpoint, always safe to drop."""
     for stale in root.glob("iter_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    try:
+        (root / (TRACKER + ".tmp")).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def prune(root: Path, step: int, keep_last_n: Optional[int], after_first=None) -> None:

@@ -6,9 +6,16 @@ renames it to ``iter_N``, fsyncs ``<save>``, and only then replaces the pointer.
 are pruned after the new pointer is durable. A process killed at any point leaves the pointer naming
 a complete checkpoint (tests/training/test_checkpoint.py kills it at every named point).
 
-Load. Rank 0 checks the pointer, the manifest, the files and the model shape against the config
-(compatibility.py) before ``dist_checkpointing.load`` reads anything; any problem is one
-CheckpointError line.
+Load. Rank 0 checks the pointer, the manifest (and its signature when ``REXMOE_CHECKPOINT_KEY`` is
+set), every file's content digest, the model shape and the fields a resume may not change against
+the config (compatibility.py) before ``dist_checkpointing.load`` unpickles or reads anything; any
+problem is one CheckpointError line.
+
+A save is skipped only when the checkpoint of this step on disk is verified to be the one this
+process loaded (same manifest digest, files re-verified, pointer naming it); otherwise the step is
+written again (e.g. after loading an older checkpoint, or a damaged newer one). An OSError during a
+save (ENOSPC...) is one CheckpointError line naming the path and errno; the partial ``.tmp`` is
+removed and the previous checkpoint and pointer are untouched.
 
 Fault injection for the tests goes through :func:`set_fault_hook`: production code only names the
 points of a save (``SAVE_POINTS``) and calls a hook that does nothing unless a test installs one.
@@ -17,7 +24,9 @@ points of a save (``SAVE_POINTS``) and calls a hook that does nothing unless a t
 from __future__ import annotations
 
 import dataclasses
+import errno as errno_names
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from rexmoe_train import platform
-from rexmoe_train.checkpoint import compatibility, layout
+from rexmoe_train.checkpoint import compatibility, layout, resume
 from rexmoe_train.checkpoint.errors import CheckpointError
 from rexmoe_train.checkpoint.state import (
     DataPosition,
@@ -45,6 +54,7 @@ require_installed()  # megatron-facing
 
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 SAVE_POINTS = ("start", "after_shards", "after_meta", "before_rename", "after_rename",
                "pointer_tmp", "after_pointer", "mid_prune")
@@ -80,6 +90,46 @@ def _broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind ``err``: itself, a cause/context, or one of the per-rank failures torch's
+    CheckpointException (a BaseException) collects as (exception, traceback) pairs. megatron's async
+    file writer re-raises a worker's OSError as ``RuntimeError("Worker failure: [Errno 28] ...")``:
+    the errno is read back from that text."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, tuple):  # torch's WRAPPED_EXCEPTION
+            e = e[0] if e else None
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        found = _ERRNO_TEXT.search(str(e))
+        if found:
+            return OSError(int(found.group(1)), found.group(2).strip())
+        stack += [e.__cause__, e.__context__]
+        stack += list(getattr(e, "failures", {}).values())
+    return None
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:'\n]+)")
+
+
+def describe_os_error(err: OSError, fallback: Path) -> str:
+    name = errno_names.errorcode.get(err.errno, str(err.errno))
+    return f"{err.filename or fallback}: [{name}] {err.strerror or err}"
+
+
 class NonFiniteWeights(RuntimeError):
     """The weights are not finite: saving them would replace a good checkpoint with a bad one."""
 
@@ -89,6 +139,7 @@ class LoadResult:
     path: str
     meta: dict
     notes: list[str]
+    changes: list[str] = dataclasses.field(default_factory=list)  # fields the resume applies, one line each
 
 
 class CheckpointManager:
@@ -108,6 +159,8 @@ class CheckpointManager:
         self.resolved_config = resolved_config
         self.log = log
         self.root = layout.save_root(cfg)
+        self.loaded: Optional[tuple[int, str]] = None  # (step, manifest digest) of what load() read
+        self.saved_step: Optional[int] = None  # the step this process wrote (or verified on disk)
 
     # ----------------------------------------------------------------------------------------------
     def _sharded_state(self, *, is_loading: bool, optimizer: bool, rng: bool) -> dict:
@@ -147,36 +200,86 @@ class CheckpointManager:
         if any_rank(not self.model.all_finite()):
             raise NonFiniteWeights(f"refusing to save a checkpoint at step {step}: the weights are not "
                                    "finite (the previous checkpoint is kept)")
-        # Already saved (e.g. pre-empted right after a resume): nothing to do.
-        skip = torch.zeros(1, device=platform.device())
+        # Already saved: only when the checkpoint of this step on disk is the one this process loaded
+        # (e.g. pre-empted right after a resume). Anything else (an older checkpoint loaded, a damaged
+        # or different one under this step's name) is written again.
+        decision: tuple = (False, None)
         if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            if (root / layout.TRACKER).exists() and final.is_dir():
-                try:
-                    skip[0] = float(layout.read_tracker(root) == step)
-                except CheckpointError:
-                    pass
-            if not skip[0]:
-                layout.remove_stale_tmp(root)
-                tmp.mkdir()
-        dist.broadcast(skip, src=0)
-        if skip[0]:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                if self._on_disk_is_loaded(step, final):
+                    decision = (True, None)
+                else:
+                    layout.remove_stale_tmp(root)
+                    tmp.mkdir()
+            except OSError as err:
+                decision = (False, self._save_failed(step, tmp, err))
+        skip, error = _broadcast_object(decision)
+        if error:
+            raise CheckpointError(error)
+        if skip:
+            self.saved_step = step
             return final
         dist.barrier()
-        _at("start", step)
         start = time.perf_counter()
-        sd = self._sharded_state(is_loading=False, optimizer=True, rng=True)
-        dist_checkpointing.save(sd, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
-                                validate_access_integrity=True)
-        dist.barrier()
+        error = None
+        try:
+            _at("start", step)
+            sd = self._sharded_state(is_loading=False, optimizer=True, rng=True)
+            dist_checkpointing.save(sd, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+                                    validate_access_integrity=True)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - ENOSPC & co.: see _save_failed
+            error = self._save_failed(step, tmp, err)
+        # every rank learns whether any rank failed (a rank that raised alone would hang the others)
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+        if error:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(error)
         _at("after_shards", step)
         chain = _global_max(chain_length(self.optimizer.optimizer))
+        error = None
         if rank == 0:
-            self._finish(root, tmp, final, step, chain)
+            try:
+                self._finish(root, tmp, final, step, chain)
+            except OSError as err:
+                error = self._save_failed(step, tmp, err)
+        error = _broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
         dist.barrier()
-        self.train_state.last_saved_step = step
+        self.train_state.last_saved_step = self.saved_step = step
         self.log(f"[checkpoint] saved step {step} to {final} in {time.perf_counter() - start:.1f} s")
         return final
+
+    def _on_disk_is_loaded(self, step: int, final: Path) -> bool:
+        """Rank 0: the pointer names ``step`` and ``final`` is, byte for byte, what load() read."""
+        if self.loaded is None or self.loaded[0] != step or not (self.root / layout.TRACKER).exists():
+            return False
+        try:
+            if layout.read_tracker(self.root) != step:
+                return False
+            meta = layout.read_metadata(final)  # re-verifies every file's digest
+        except CheckpointError:
+            return False
+        return meta["_digest"] == self.loaded[1]
+
+    def _save_failed(self, step: int, tmp: Path, err: BaseException) -> str:
+        """One line for an OS error during a save; the partial directory goes, the rest is untouched."""
+        os_err = _os_error(err)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os_err is None and _nearly_full(self.root):
+            # a full disk also surfaces without an errno (torch's zip writer: "unexpected pos")
+            os_err = OSError(errno_names.ENOSPC, os.strerror(errno_names.ENOSPC))
+        if os_err is not None:
+            where = describe_os_error(os_err, tmp)
+        else:
+            where = f"{tmp}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        kept = self.train_state.last_saved_step
+        return (f"checkpoint error: saving step {step} failed: {where}; the previous checkpoint "
+                f"({'step ' + str(kept) if kept else 'none'}) and {layout.TRACKER} are untouched")
 
     def _finish(self, root: Path, tmp: Path, final: Path, step: int, chain: int) -> None:
         """Rank 0: config, manifest, fsync, rename, pointer, prune."""
@@ -188,9 +291,17 @@ class CheckpointManager:
         _at("after_meta", step)
         layout.fsync_tree(tmp)
         _at("before_rename", step)
-        if final.exists():  # a complete save of this step the pointer never named (killed before)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():
+            # a save of this step that is not what this process loaded (never named by the pointer,
+            # or damaged, or another timeline's): moved aside under a name remove_stale_tmp drops,
+            # replaced, then deleted
+            aside = root / (final.name + ".replaced.tmp")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
         layout.fsync_path(root)
         _at("after_rename", step)
         layout.replace_pointer(root, step, before_replace=lambda: _at("pointer_tmp", step))
@@ -210,14 +321,16 @@ class CheckpointManager:
                 ckpt = layout.locate(cfg)
                 if ckpt is not None:
                     meta = compatibility.validate_for_load(cfg, ckpt, self.vocab_size, world, chain)
-                    result = (str(ckpt), meta, None)
+                    changes = [] if meta.get("model_only") else self._resume_changes(ckpt)
+                    result = (str(ckpt), meta, None, changes)
             except CheckpointError as err:
-                result = (None, None, str(err))
-        path, meta, error = _broadcast_object(result)
+                result = (None, None, str(err), None)
+        path, meta, error, changes = _broadcast_object(result + (None,) * (4 - len(result)))
         if error:
             raise CheckpointError(error)
         if path is None:
             return None
+        self.loaded = (int(meta["step"]), meta["_digest"])
         if meta.get("model_only"):
             return self._load_model_only(path, meta)
         current = compatibility.parallel_signature(cfg, world)
@@ -253,12 +366,29 @@ class CheckpointManager:
             # and their logits take part in the softmax: losses differ until they are trained.
             notes.append(f"padded vocab {padded} -> {self.padded_vocab_size} (new rows start at zero; set "
                          "model.make_vocab_size_divisible_by so that both layouts pad alike)")
-        return LoadResult(path, meta, notes)
+        return LoadResult(path, meta, notes, changes or [])
+
+    def _resume_changes(self, ckpt: Path) -> list[str]:
+        """Rank 0: the checkpoint's config.yaml (verified with the other files) against this run's."""
+        from omegaconf import OmegaConf
+
+        path = ckpt / layout.CONFIG
+        if not path.exists():  # written before config.yaml was saved with the weights
+            return []
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as err:  # noqa: BLE001 - yaml / omegaconf errors: one line
+            raise CheckpointError(f"checkpoint error: {path}: unreadable ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:200]})") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint error: {path}: not a mapping")
+        return resume.compare(saved, dataclasses.asdict(self.cfg), str(ckpt))
 
     def _read(self, sd: dict, path: str) -> dict:
         try:
             return dist_checkpointing.load(sd, path)
-        except Exception as err:  # noqa: BLE001 - a damaged checkpoint: one line, not a traceback
+        # torch's CheckpointException derives from BaseException: name it, or it escapes as a traceback
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - one line, not a traceback
             line = " ".join(str(err).split())[:400]
             raise CheckpointError(f"checkpoint error: {path} could not be loaded: "
                                   f"{type(err).__name__}: {line}") from None

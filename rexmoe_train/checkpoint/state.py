@@ -94,9 +94,18 @@ class OptimizerState:
         return {"optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                metadata=self.metadata)}
 
+    # Hyperparameters that torch's load_state_dict copies from the checkpoint into every param group
+    # but that the config decides (megatron keeps the schedule's max_lr/min_lr per group; betas and
+    # eps are Adam's): the groups as built from this run's config are put back after a load, so a
+    # resume with a changed train.lr/min_lr/adam_* runs what config.yaml says (checkpoint/resume.py).
+    CONFIG_KEYS = ("max_lr", "min_lr", "betas", "eps")
+
     def load(self, loaded: dict) -> None:
+        configured = [{k: g[k] for k in self.CONFIG_KEYS if k in g} for g in self.optimizer.param_groups]
         with torch.no_grad():
             self.optimizer.load_state_dict(loaded["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
         _restore_distributed_optimizer_steps(self.optimizer)
 
     def skip(self) -> None:

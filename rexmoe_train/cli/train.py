@@ -58,6 +58,11 @@ def dry_run(experiment: ExperimentConfig) -> int:
         from rexmoe_train.data.text_tokenizer import load_tokenizer
 
         vocab = load_tokenizer(experiment.data.tokenizer).vocab_size
+    if experiment.model.vocab_size is not None and experiment.model.vocab_size < vocab:
+        if _is_rank0():
+            print(f"config error: model.vocab_size={experiment.model.vocab_size}: must be >= the tokenizer's "
+                  f"vocabulary ({vocab}), or null to take it from the tokenizer", file=sys.stderr)
+        return EXIT_CONFIG
     vocab = experiment.model.vocab_size or vocab
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     if _is_rank0():
@@ -68,6 +73,13 @@ def dry_run(experiment: ExperimentConfig) -> int:
             print(err, file=sys.stderr)
             return EXIT_CONFIG
     return 0
+
+
+def _describe_os_error(err: OSError) -> str:
+    import errno
+
+    name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno is not None else type(err).__name__
+    return f"{err.filename or '(no path)'}: [{name}] {err.strerror or err}"
 
 
 def _parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
@@ -136,21 +148,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if _is_rank0():
         print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; {_WAIT_REASON})", flush=True)
 
+    import signal
+    import time
+
+    # SIGTERM/SIGUSR1 are recorded from here on, before the slow imports below (torch, megatron:
+    # seconds), and handed to the Trainer, which takes the save-and-exit-75 path before its first
+    # evaluation and step. (training.guard itself needs the compat layer, hence this small bridge.)
+    ck = experiment.checkpoint
+    early: list[int] = []
+    if ck.exit_signal_handler:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, _frame: early.append(signum))
+    import logging
+    import warnings
+
     from rexmoe_train import compat
 
     compat.install()  # the megatron-core CPU layer, before the first megatron import
+    from rexmoe_train.training import guard
+
+    # torch.distributed.checkpoint's own deprecation warnings (ShardedTensor) on every save and load;
+    # and megatron's async writer logs a failed write before raising it, which the save turns into
+    # its one error line (checkpoint/manager.py): without a handler Python would print it too
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addHandler(
+        logging.NullHandler())
+
+    signals = guard.StopSignals(ck.exit_signal_handler, ck.exit_duration_mins, time.monotonic())
+    signals.install()  # replaces the bridge with no gap (uninstalling puts the bridge back: harmless)
+    if early and signals.received is None:
+        signals.received = early[0]
     from rexmoe_train.checkpoint import CheckpointError
-    from rexmoe_train.training.guard import EXIT_HALTED, TrainingHalted
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
     try:
-        trainer = Trainer(experiment, resolved_config=composed.resolved)
+        trainer = Trainer(experiment, resolved_config=composed.resolved, signals=signals)
     except (ConfigError, CheckpointError) as err:  # layout checks; a missing/bad/mismatched checkpoint
         _fail(str(err))
+    except OSError as err:  # a full disk or unwritable run dir while starting: one line naming it
+        _fail(f"error: {_describe_os_error(err)}")
     try:
         history = trainer.run()
-    except TrainingHalted as err:
-        _fail(str(err), EXIT_HALTED)
+    except guard.TrainingHalted as err:
+        _fail(str(err), guard.EXIT_HALTED)
+    except CheckpointError as err:  # a save that failed (ENOSPC...): the previous checkpoint stands
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"error: {_describe_os_error(err)}")
     if trainer.rank == 0:
         last = next((h for h in reversed(history) if "loss" in h), None)
         evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]

@@ -8,6 +8,7 @@ Field names follow Megatron-LM where one exists (``num_layers``, ``moe_router_to
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,23 @@ def _one_of(path: str, value: Any, options: tuple) -> None:
         _fail(path, value, "must be one of " + ", ".join(map(str, options)))
 
 
+def _finite(path: str, value: Any) -> None:
+    """inf and nan pass every ``<`` / ``<=`` comparison the wrong way: reject them first, so that the
+    field named is the one that is wrong (train.lr=nan used to be blamed on min_lr)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(path, value, "must be a finite number")
+
+
 def _at_least(path: str, value: Any, low: float) -> None:
+    _finite(path, value)
     if value < low:
         _fail(path, value, f"must be >= {low}")
+
+
+def _positive(path: str, value: Any) -> None:
+    _finite(path, value)
+    if not value > 0:
+        _fail(path, value, "must be > 0")
 
 
 class Choice(str, Enum):
@@ -98,6 +113,9 @@ class PSRConfig:
         _one_of(f"{path}.schedule", self.schedule, PSR_SCHEDULES)
         _one_of(f"{path}.mask_on", self.mask_on, PSR_MASK_ON)
         _at_least(f"{path}.start_step", self.start_step, 0)
+        _at_least(f"{path}.end_step", self.end_step, 0)
+        if self.seed is not None:
+            _at_least(f"{path}.seed", self.seed, 0)
         if self.schedule != "none" and self.end_step <= self.start_step:
             _fail(f"{path}.end_step", self.end_step, f"must be > {path}.start_step ({self.start_step})")
 
@@ -126,8 +144,7 @@ class BalanceConfig:
         _one_of(f"{path}.layer_aux_scope", self.layer_aux_scope, BALANCE_SCOPES)
         _one_of(f"{path}.group_aux_scope", self.group_aux_scope, BALANCE_SCOPES)
         _one_of(f"{path}.moe_router_enable_expert_bias", self.moe_router_enable_expert_bias, (True, False))
-        if not self.moe_router_bias_update_rate > 0:
-            _fail(f"{path}.moe_router_bias_update_rate", self.moe_router_bias_update_rate, "must be > 0")
+        _positive(f"{path}.moe_router_bias_update_rate", self.moe_router_bias_update_rate)
         _one_of(f"{path}.expert_bias_scope", self.expert_bias_scope, EXPERT_BIAS_SCOPES)
 
 
@@ -298,9 +315,17 @@ class ModelConfig:
                       self.moe_shared_expert_intermediate_size, 1)
         _one_of(f"{path}.normalization", self.normalization, NORMALIZATIONS)
         _one_of(f"{path}.qk_layernorm", self.qk_layernorm, (True, False))
-        if self.moe_expert_capacity_factor is not None and not self.moe_expert_capacity_factor > 0:
+        if self.moe_expert_capacity_factor is not None and not (
+                math.isfinite(self.moe_expert_capacity_factor) and self.moe_expert_capacity_factor > 0):
             _fail(f"{path}.moe_expert_capacity_factor", self.moe_expert_capacity_factor,
-                  "must be > 0 (null: dropless)")
+                  "must be a finite number > 0 (null: dropless)")
+        # rotary_base 0 or 1 makes every RoPE frequency 0^x / 1: NaN or no position signal at all
+        _at_least(f"{path}.rotary_base", self.rotary_base, 2)
+        _positive(f"{path}.init_method_std", self.init_method_std)
+        if self.vocab_size is not None:
+            _at_least(f"{path}.vocab_size", self.vocab_size, 1)
+        if self.max_position_embeddings is not None:
+            _at_least(f"{path}.max_position_embeddings", self.max_position_embeddings, 1)
         _one_of(f"{path}.moe_token_drop_policy", self.moe_token_drop_policy, DROP_POLICIES)
         if not (self.moe_grouped_gemm is True or self.moe_grouped_gemm is False
                 or self.moe_grouped_gemm == "auto"):
@@ -331,6 +356,9 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "expert_model_parallel_size", "expert_tensor_parallel_size"):
             _at_least(f"{path}.{name}", getattr(self, name), 1)
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            if getattr(self, name) is not None:
+                _at_least(f"{path}.{name}", getattr(self, name), 1)
         if self.virtual_pipeline_model_parallel_size is not None:
             _at_least(f"{path}.virtual_pipeline_model_parallel_size",
                       self.virtual_pipeline_model_parallel_size, 2)
@@ -381,8 +409,9 @@ class TrainConfig:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "seq_length",
                      "log_interval", "eval_interval", "eval_iters"):
             _at_least(f"{path}.{name}", getattr(self, name), 1)
-        if self.lr <= 0:
-            _fail(f"{path}.lr", self.lr, "must be > 0")
+        _at_least(f"{path}.seed", self.seed, 0)
+        _positive(f"{path}.lr", self.lr)
+        _finite(f"{path}.min_lr", self.min_lr)
         if not 0 <= self.min_lr <= self.lr:
             _fail(f"{path}.min_lr", self.min_lr, f"must be in [0, {path}.lr] = [0, {self.lr}]")
         if self.lr_warmup_iters is not None and not 0 <= self.lr_warmup_iters < self.train_iters:
@@ -398,6 +427,7 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(f"{path}.{name}", getattr(self, name), "must be in [0, 1)")
+        _positive(f"{path}.adam_eps", self.adam_eps)
         _at_least(f"{path}.clip_grad", self.clip_grad, 0.0)
         _one_of(f"{path}.fp8", self.fp8, FP8_FORMATS)
         _one_of(f"{path}.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
@@ -536,8 +566,9 @@ class CheckpointConfig:
         _at_least(f"{path}.save_interval", self.save_interval, 0)
         if self.keep_last_n is not None:
             _at_least(f"{path}.keep_last_n", self.keep_last_n, 1)
-        if self.exit_duration_mins is not None and self.exit_duration_mins <= 0:
-            _fail(f"{path}.exit_duration_mins", self.exit_duration_mins, "must be null or > 0")
+        if self.exit_duration_mins is not None and not (
+                math.isfinite(self.exit_duration_mins) and self.exit_duration_mins > 0):
+            _fail(f"{path}.exit_duration_mins", self.exit_duration_mins, "must be null or a finite number > 0")
         _at_least(f"{path}.max_skipped_steps", self.max_skipped_steps, 0)
 
 

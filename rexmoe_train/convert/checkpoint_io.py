@@ -7,7 +7,6 @@ checkpoint.load=...` starts from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -44,14 +43,14 @@ def resolve(path: Path) -> Path:
 
 
 def read_checkpoint_config(iter_dir: Path) -> tuple[ExperimentConfig, dict]:
-    try:
+    try:  # verifies every file's digest (and the signature) before anything below unpickles one
         meta = layout.read_metadata(iter_dir)
     except CheckpointError as err:
         raise ConvertError(str(err)) from None
     try:
         data = OmegaConf.to_container(OmegaConf.load(iter_dir / layout.CONFIG), resolve=True)
         cfg = experiment_from_dict(data)
-    except (OSError, ConfigError, ValueError) as err:
+    except (OSError, ConfigError, ValueError, Exception) as err:  # noqa: BLE001 - yaml's errors too
         raise ConvertError(f"{iter_dir / layout.CONFIG}: unusable config ({err})") from None
     return cfg, meta
 
@@ -79,10 +78,22 @@ def load_model(path: Path, bf16: bool = False) -> tuple[ExperimentConfig, ReXMoE
     model = build_single_process(cfg, vocab)
     chunk = model.chunks[0]
     sharded = {"model": chunk.sharded_state_dict(metadata=compatibility.sharding_metadata(cfg))}
-    loaded = dist_checkpointing.load(sharded, str(iter_dir))
+    loaded = read_verified(sharded, iter_dir)
     chunk.load_state_dict(loaded["model"], strict=False)
     model.psr_state.set_step(meta["step"])
     return cfg, model, meta
+
+
+def read_verified(sharded: dict, iter_dir: Path) -> dict:
+    """dist_checkpointing.load after read_checkpoint_config verified the files; what still fails
+    (torch's CheckpointException derives from BaseException) becomes one ConvertError line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(sharded, str(iter_dir))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - one line, not a traceback
+        line = " ".join(str(err).split())[:400]
+        raise ConvertError(f"{iter_dir} could not be loaded: {type(err).__name__}: {line}") from None
 
 
 def open_streamed(path: Path, bf16: bool = False):
@@ -127,8 +138,9 @@ def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: 
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "megatron_backend": "torch_dist",
         }
-        meta["files"] = {p.name: p.stat().st_size for p in iter_dir.iterdir() if p.is_file()}
-        (iter_dir / layout.META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        # content digests (and a signature with REXMOE_CHECKPOINT_KEY set): a converted checkpoint is
+        # verified on load like a trained one
+        layout.write_manifest(iter_dir, meta)
         (tmp / layout.TRACKER).write_text(f"{step}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -132,7 +132,11 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _texts_of_chunk(kind: str, path: Optional[str], first: int, items: list[bytes], key: str) -> list[str]:
     if kind == "text":
-        return [_decode(raw, where) for where, raw in items]
+        texts = [_decode(raw, where) for where, raw in items]
+        for (where, _), text in zip(items, texts):
+            if not text.strip():  # would be a document of the end-of-document token alone
+                raise PreprocessError(f"{where}: empty text file (no document); remove it from --input")
+        return texts
     texts = []
     for offset, raw in enumerate(items):
         where = f"{path}:{first + offset}"

@@ -45,6 +45,8 @@ class StopSignals:
     def install(self) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only
+        if self._previous:
+            return  # installed already (the CLI does it before the Trainer): keep the true previous
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
 

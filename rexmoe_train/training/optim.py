@@ -58,5 +58,11 @@ def build_optimizer(cfg: ExperimentConfig, wrapped_chunks: list, tc):
         end_wd=t.weight_decay,
         wd_incr_steps=t.train_iters,
         wd_incr_style="constant",
+        # On resume the schedule is the config's (lr, min_lr, warm-up, decay, weight decay), not the
+        # checkpoint's: megatron's default keeps the checkpoint's values while config.yaml would
+        # record the new ones. Changes are logged by checkpoint/resume.py; the step count still
+        # comes from the checkpoint.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler

@@ -25,9 +25,10 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from rexmoe_train import platform
+from rexmoe_train.checkpoint import layout
 from rexmoe_train.checkpoint.manager import CheckpointManager, NonFiniteWeights
 from rexmoe_train.checkpoint.state import TrainState
-from rexmoe_train.config.schema import ExperimentConfig
+from rexmoe_train.config.schema import ConfigError, ExperimentConfig
 from rexmoe_train.data import micro_batches, valid_batches
 from rexmoe_train.data.sources import build_datasets
 from rexmoe_train.model.balance import expert_bias_ranges, update_expert_bias
@@ -44,6 +45,7 @@ from rexmoe_train.training.metrics import (
     throughput,
 )
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training
+from rexmoe_train.training.run_lock import RunLock
 from rexmoe_train.training.run_logger import RunLogger, trim_metrics
 
 
@@ -64,24 +66,31 @@ def _forward_step(data_iterator, model):
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, resolved_config: Optional[dict] = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, resolved_config: Optional[dict] = None,
+                 signals: Optional[guard.StopSignals] = None) -> None:
         self.cfg = cfg
         self.start_time = time.monotonic()
         # First, before anything slow: a SIGTERM during start-up must end in the save-and-exit-75 path
-        # (run() checks the flag before the first evaluation and step), not kill the process.
-        self.signals = guard.StopSignals(cfg.checkpoint.exit_signal_handler,
-                                         cfg.checkpoint.exit_duration_mins, self.start_time)
+        # (run() checks the flag before the first evaluation and step), not kill the process. The CLI
+        # installs them even earlier (before torch is imported) and hands them over.
+        self.signals = signals or guard.StopSignals(cfg.checkpoint.exit_signal_handler,
+                                                    cfg.checkpoint.exit_duration_mins, self.start_time)
         self.signals.install()
         self.state = TrainState()
+        self.lock: Optional[RunLock] = None
+        self._steps_run = self._steps_updated = 0  # by this process (the all-skipped check)
         try:
             self._build(cfg, resolved_config)
         except BaseException:
             self.signals.uninstall()
+            if self.lock is not None:
+                self.lock.release(failed=True)
             raise
 
     def _build(self, cfg: ExperimentConfig, resolved_config: Optional[dict]) -> None:
         self.rank, self.world_size = init_distributed()
         cfg.validate(self.world_size).check_machine()
+        self._claim_run_dir(cfg)
         init_model_parallel(cfg.parallel, cfg.train.seed)
         t = cfg.train
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -91,7 +100,12 @@ class Trainer:
         self.train_data, self.valid_data, self.data_info = build_datasets(
             cfg.data, t.seq_length, t.seed, train_samples=t.train_iters * t.global_batch_size,
             valid_samples=t.eval_iters * t.micro_batch_size * self.dp_size, run_dir=cfg.run.dir)
-        self.vocab_size = cfg.model.vocab_size or int(self.data_info["vocab_size"])
+        data_vocab = int(self.data_info["vocab_size"])
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < data_vocab:
+            raise ConfigError(f"config error: model.vocab_size={cfg.model.vocab_size}: must be >= the "
+                              f"tokenizer's vocabulary ({data_vocab}, data.tokenizer="
+                              f"{cfg.data.tokenizer!r}), or null to take it from the tokenizer")
+        self.vocab_size = cfg.model.vocab_size or data_vocab
 
         self.model = build_model(cfg, self.vocab_size)
         self.dispatchers = self.model.dedup_dispatchers  # [] unless rexmoe_dedup
@@ -122,6 +136,30 @@ class Trainer:
         if resumed:
             self.logger.message(f"[checkpoint] resumed from {resumed.path} at step {self.step}"
                                 + "".join(f"; {note}" for note in resumed.notes))
+            for change in resumed.changes:
+                self.logger.message(change)
+
+    def _claim_run_dir(self, cfg: ExperimentConfig) -> None:
+        """Rank 0 locks run.dir for the whole run, then removes what a killed or failed save left
+        (``iter_*.tmp``): before anything else writes, so a disk filled by a dead save has its space
+        back before metrics.jsonl is trimmed. Every rank learns the outcome (one line, exit 2)."""
+        error = None
+        if self.rank == 0:
+            try:
+                save = layout.save_root(cfg)
+                if save.exists() and not save.is_dir():
+                    raise ConfigError(f"config error: checkpoint.save={str(save)!r}: exists and is not a "
+                                      "directory")
+                self.lock = RunLock(cfg.run.dir)
+                self.lock.acquire()
+                if save.is_dir():
+                    layout.remove_stale_tmp(save)
+            except ConfigError as err:
+                error = str(err)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise ConfigError(box[0])
 
     # the run's counters live in the checkpointed TrainState
     @property
@@ -245,7 +283,9 @@ class Trainer:
         success, grad_norm = False, None
         if not bad:
             success, grad_norm, _ = self.optimizer.step()
+        self._steps_run += 1
         if success:
+            self._steps_updated += 1
             self.scheduler.step(increment=1)
             # aux-loss-free balancing: the bias moves only with the weights (a skipped step leaves both)
             balance = cfg.rexmoe.balance
@@ -341,11 +381,22 @@ class Trainer:
                     break
                 if ck.save_interval and self.step % ck.save_interval == 0:
                     self.save_checkpoint()
-            if self.step >= t.train_iters and self.last_saved_step != self.step:
+            if self._steps_run and not self._steps_updated:
+                # nothing trained: saving would record a step count for weights that never moved,
+                # and exit 0 would read as success (e.g. a model that is NaN from its first step)
+                raise guard.TrainingHalted(
+                    f"halted at step {self.step}: all {self._steps_run} steps of this run were skipped "
+                    "for a non-finite loss or grad norm; nothing was trained or saved; last checkpoint: "
+                    f"step {self.last_saved_step}")
+            # the final checkpoint is written unless this process saved this step, or the one on disk
+            # is verified to be what it loaded (CheckpointManager.save decides that)
+            if self.step >= t.train_iters and self.checkpoints.saved_step != self.step:
                 self.save_checkpoint()
         finally:
             self.signals.uninstall()
             self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
         return history
 
     def _stop_before_training(self) -> bool:
@@ -357,7 +408,7 @@ class Trainer:
         if not signalled:
             return False
         self.stop_reason = "signal"
-        if self.step and self.last_saved_step != self.step:
+        if self.step and self.checkpoints.saved_step != self.step:
             self.save_checkpoint()
         self.exit_code = guard.EXIT_PREEMPTED
         self.logger.message(f"[checkpoint] stopping before training resumed at step {self.step} "

@@ -123,14 +123,21 @@ def test_bad_checkpoint_files_one_line(tmp_path, layout):
     shard = sorted(iter_dir.glob("*.distcp"))[0]
     data = bytearray(shard.read_bytes())  # same size (a truncated file is caught by its recorded size)
     data[: len(data) // 2] = bytes(len(data) // 2)
+    original = shard.read_bytes()
     shard.write_bytes(bytes(data))
+    # the manifest's content digests catch it before any file is unpickled or read into tensors
+    with pytest.raises(ConvertError, match=f"{shard.name} does not match its blake3 digest"):
+        checkpoint_io.open_streamed(ckpt)
+    # the reader's own one-line error for damage after the check (the shard changes once opened)
+    shard.write_bytes(original)
     _, streamed, _ = checkpoint_io.open_streamed(ckpt)
+    shard.write_bytes(bytes(data))
     with pytest.raises(ConvertError, match="cannot read"):
         for part in streamed.parts:
             streamed.load_part(part)
     metadata = iter_dir / ".metadata"
     metadata.write_bytes(bytes(metadata.stat().st_size))
-    with pytest.raises(ConvertError, match="unreadable"):
+    with pytest.raises(ConvertError, match=r"\.metadata does not match its blake3 digest"):
         checkpoint_io.open_streamed(ckpt)
 
 
