@@ -24,14 +24,15 @@ def test_pointer_roundtrip_and_bad_pointers(tmp_path):
     assert layout.read_tracker(tmp_path) == 12
     assert not (tmp_path / (layout.TRACKER + ".tmp")).exists()
     (tmp_path / layout.TRACKER).write_text("twelve\n")
-    with pytest.raises(CheckpointError, match="must hold a step number, found 'twelve'"):
+    with pytest.raises(CheckpointError, match=r"must hold a step number \(ASCII digits\), found b'twelve"):
         layout.read_tracker(tmp_path)
 
 
 def test_manifest_lists_every_file_and_detects_a_truncated_one(tmp_path):
     d = _fake_checkpoint(tmp_path, 3)
     meta = layout.read_metadata(d)
-    assert meta["files"] == {"__0_0.distcp": 10, "common.pt": 1}
+    assert {name: entry["size"] for name, entry in meta["files"].items()} == {"__0_0.distcp": 10, "common.pt": 1}
+    assert all(len(entry["blake3"]) == 64 for entry in meta["files"].values())
     (d / "__0_0.distcp").write_bytes(b"x" * 9)
     with pytest.raises(CheckpointError, match=r"damaged: __0_0.distcp has 9 bytes, expected 10"):
         layout.read_metadata(d)
