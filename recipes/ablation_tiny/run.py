@@ -31,6 +31,9 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent
 REPO = RECIPE.parents[1]
+sys.path.insert(0, str(RECIPE.parent))  # recipes/_args.py, shared by the recipe scripts
+from _args import check_overrides_and_only  # noqa: E402
+
 NO_PSR = ["rexmoe.psr.schedule=none"]
 NO_AUX = ["rexmoe.balance.layer_aux_coeff=0.0"]
 BIAS = ["rexmoe.balance.moe_router_enable_expert_bias=true"]
@@ -177,13 +180,7 @@ def parse(argv=None):
     p.add_argument("--only", nargs="+", metavar="NAME", help=" | ".join(v.name for v in VARIANTS))
     p.add_argument("--report-only", action="store_true")
     args, extra = p.parse_known_args(argv)
-    bad = [o for o in extra if "=" not in o or o.startswith("-")]
-    if bad:
-        p.error(f"unknown argument {bad[0]!r}; Hydra overrides look like key=value")
-    names = [v.name for v in VARIANTS]
-    for name in args.only or []:
-        if name not in names:
-            p.error(f"--only {name!r}: allowed values are {', '.join(names)}")
+    check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
     if args.steps < 5 or args.eval_iters < 1:
         p.error("--steps must be >= 5 and --eval-iters >= 1")
     args.out = args.out.resolve()

@@ -39,6 +39,8 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent
 REPO = RECIPE.parents[1]
+sys.path.insert(0, str(RECIPE.parent))  # recipes/_args.py, shared by the recipe scripts
+from _args import check_overrides_and_only  # noqa: E402
 
 # the paper's 2.3B ramp as fractions of its 47.7k steps
 PSR_START, PSR_END = 10_000 / 47_700, 30_000 / 47_700
@@ -250,13 +252,7 @@ def parse(argv=None):
     p.add_argument("--data", help="a rexmoe-preprocess output prefix to train on instead of the embedded corpus")
     p.add_argument("--tokenizer", default="byte", help="with --data: byte or the tokenizer.json used")
     args, extra = p.parse_known_args(argv)
-    bad = [o for o in extra if "=" not in o or o.startswith("-")]
-    if bad:
-        p.error(f"unknown argument {bad[0]!r}: options are listed by --help; Hydra overrides look like key=value")
-    names = [v.name for v in VARIANTS]
-    for name in args.only or []:
-        if name not in names:
-            p.error(f"--only {name!r}: allowed values are {', '.join(names)}")
+    check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
     for opt in ("steps", "nproc", "eval_batches"):
         if getattr(args, opt) < 1:
             p.error(f"--{opt.replace('_', '-')}={getattr(args, opt)}: must be >= 1")

@@ -33,6 +33,14 @@ class PlotError(Exception):
     """The run cannot be plotted; one-line message."""
 
 
+
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write and close one figure (every plot ends the same way)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def load_records(run_dir: Path) -> list[dict]:
     """The JSON objects of ``run_dir/metrics.jsonl``. A torn last line (a run killed mid-write) and
     other undecodable lines are skipped."""
@@ -141,11 +149,7 @@ def _plot_time_series(plt: Any, records: list[dict], out: Path) -> list[Path]:
         if len(data[stem]) > 1:
             ax.legend(fontsize=7, ncol=2 if len(data[stem]) > 6 else 1)
         ax.set_title(title)
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"{stem}.png"))
     return paths
 
 
@@ -169,11 +173,7 @@ def _plot_losses(plt: Any, records: list[dict], out: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("training loss")
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "loss.png")
 
 
 def _plot_expert_load(plt: Any, record: dict, out: Path) -> list[Path]:
@@ -196,11 +196,7 @@ def _plot_expert_load(plt: Any, record: dict, out: Path) -> list[Path]:
         ax.set_yticklabels([f"layer {i}" for i in range(layers)])
         ax.set_xlabel("candidate expert (owner layer-major)")
         ax.set_title(f"expert load, reuse group {g} (step {record.get('step')})")
-        fig.tight_layout()
-        path = out / f"expert_load_group{g}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"expert_load_group{g}.png"))
     return paths
 
 
@@ -226,11 +222,7 @@ def _plot_reuse_matrix(plt: Any, record: dict, out: Path) -> list[Path]:
         ax.set_xlabel("owner layer (position in group)")
         ax.set_ylabel("router layer")
         ax.set_title(f"reuse matrix, group {g} (step {record.get('step')})")
-        fig.tight_layout()
-        path = out / f"reuse_matrix_group{g}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"reuse_matrix_group{g}.png"))
     return paths
 
 
