@@ -19,6 +19,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import uuid
@@ -117,6 +118,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(spec: str, eod_token: Optional[str], key: str, single_thread: bool) -> None:
+    # A forked worker inherits the parent's Python signal handlers (a trainer's SIGTERM flag, say):
+    # with those, Pool.terminate() could not stop it and the pool's join would wait forever.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.SIG_IGN)
     if single_thread:  # one process per core already: no Rust thread pool inside each worker
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = load_tokenizer(spec, eod_token)

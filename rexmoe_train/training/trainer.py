@@ -70,19 +70,19 @@ class Trainer:
                  signals: Optional[guard.StopSignals] = None) -> None:
         self.cfg = cfg
         self.start_time = time.monotonic()
-        # First, before anything slow: a SIGTERM during start-up must end in the save-and-exit-75 path
-        # (run() checks the flag before the first evaluation and step), not kill the process. The CLI
-        # installs them even earlier (before torch is imported) and hands them over.
+        # The CLI installs the stop-signal handlers before anything slow (before torch is imported)
+        # and hands them over, so a SIGTERM during start-up ends in the save-and-exit-75 path. A
+        # Trainer built by library code installs its own only while run() runs: handlers installed
+        # here would outlive a Trainer that is never run and swallow SIGTERM process-wide (e.g. for
+        # worker processes forked later, which then cannot be terminated).
         self.signals = signals or guard.StopSignals(cfg.checkpoint.exit_signal_handler,
                                                     cfg.checkpoint.exit_duration_mins, self.start_time)
-        self.signals.install()
         self.state = TrainState()
         self.lock: Optional[RunLock] = None
         self._steps_run = self._steps_updated = 0  # by this process (the all-skipped check)
         try:
             self._build(cfg, resolved_config)
         except BaseException:
-            self.signals.uninstall()
             if self.lock is not None:
                 self.lock.release(failed=True)
             raise
