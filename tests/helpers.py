@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rexmoe_train.config.schema import ExperimentConfig
 
 
@@ -78,3 +80,20 @@ def assert_same_training(runs: dict, atol: float = 1e-6) -> None:
                                                rtol=0, atol=atol, msg=f"{name}: {key}")
         for pname, p in params.items():
             torch.testing.assert_close(p, ref_params[pname], rtol=0, atol=atol, msg=f"{name}: {pname}")
+
+
+@contextlib.contextmanager
+def script_module(path, name: str):
+    """A repo script (bench/*.py, recipes/*/run.py) imported as module ``name`` for the duration of the
+    block. Registered in sys.modules while it runs: dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

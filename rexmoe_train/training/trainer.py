@@ -108,6 +108,8 @@ class Trainer:
         self.vocab_size = cfg.model.vocab_size or data_vocab
 
         self.model = build_model(cfg, self.vocab_size)
+        # found once (a module walk): the step loop asks for them several times per step
+        self.routers = self.model.routers
         self.dispatchers = self.model.dedup_dispatchers  # [] unless rexmoe_dedup
         tc = self.model.config
         self.chunks = wrap_for_training(cfg, self.model.chunks, tc)
@@ -228,9 +230,6 @@ class Trainer:
             "padded_vocab_size": self.model.vocab_size,
         }
 
-    def _routers(self):
-        return self.model.routers
-
     def _iterators(self, batches: list) -> list:
         # every chunk's forward_step pulls one micro-batch per micro-batch index
         return [iter(batches) for _ in self.chunks]
@@ -255,7 +254,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         step = self.step + 1
         self.model.psr_state.set_step(step)
-        for router in self._routers():
+        for router in self.routers:
             router.reset_step_state()
         for dispatcher in self.dispatchers:
             dispatcher.reset_bytes()
@@ -290,7 +289,7 @@ class Trainer:
             # aux-loss-free balancing: the bias moves only with the weights (a skipped step leaves both)
             balance = cfg.rexmoe.balance
             if balance.moe_router_enable_expert_bias:
-                update_expert_bias(self._routers(), balance.expert_bias_scope,
+                update_expert_bias(self.routers, balance.expert_bias_scope,
                                    balance.moe_router_bias_update_rate)
         else:  # as Megatron-LM: the step's data is consumed, the weights and LR schedule stay
             self.skipped_steps += 1
@@ -300,10 +299,10 @@ class Trainer:
         if step % t.log_interval == 0 or step == t.train_iters or not success:
             lm_loss = self._last_stage_mean(losses)
             record.update(balance_losses(cfg, self.num_microbatches))
-            record.update(router_load(cfg, self._routers(), step))
+            record.update(router_load(cfg, self.routers, step))
             if cfg.rexmoe.balance.moe_router_enable_expert_bias:  # same on every rank
                 record["expert_bias_range"] = expert_bias_ranges(
-                    self._routers(), len(cfg.reuse_plan().groups), platform.device())
+                    self.routers, len(cfg.reuse_plan().groups), platform.device())
             if cfg.parallel.moe_token_dispatcher_type == DEDUP_DISPATCHER:  # same on every rank
                 record.update(dispatch_bytes(self.dispatchers))
             record.update({
@@ -355,7 +354,7 @@ class Trainer:
         t = self.cfg.train
         history: list[dict] = []
         ck = self.cfg.checkpoint
-        self.signals.install()  # again: a Trainer built earlier in this process may have uninstalled
+        self.signals.install()  # for the run; the CLI's handlers (handed over) are simply reinstalled
         try:
             if self._stop_before_training():
                 return history

@@ -3,25 +3,19 @@ is timed against compute the same thing, and the report has every (count, impl) 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from tests.helpers import script_module
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "expert_gemm_bench.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("expert_gemm_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["expert_gemm_bench"] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module(_PATH, "expert_gemm_bench") as module:
         yield module
-    finally:
-        sys.modules.pop("expert_gemm_bench", None)
 
 
 def test_both_implementations_agree_and_are_reported(bench, layout):

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
 from rexmoe_train import platform
+from tests.helpers import script_module
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_bench.py")
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module  # dataclasses resolve their module through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with script_module(_PATH, "gpu_bench") as module:
         yield module
-    finally:
-        sys.modules.pop("gpu_bench", None)
 
 
 def test_flops_of_the_paper_2_3b_shape(gpu_bench):

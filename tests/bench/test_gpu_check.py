@@ -3,7 +3,6 @@ time-boxing and failure handling (with real subprocesses; only the GPU sections 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,20 +13,15 @@ from pathlib import Path
 import pytest
 
 from rexmoe_train import platform
+from tests.helpers import script_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses resolve their module through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with script_module(REPO / "bench" / "gpu_check.py", "gpu_check") as module:
         yield module
-    finally:
-        sys.modules.pop("gpu_check", None)
 
 
 def _env(te: bool, grouped: bool, pytest_ok: bool = True) -> dict:

@@ -3,7 +3,6 @@ variants produces the table with per-seed deltas."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import script_module
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "recipes" / "ablation_tiny" / "run.py"
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("ablation_tiny_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    with script_module(SCRIPT, "ablation_tiny_run") as module:
+        return module
 
 
 def test_every_variant_is_a_valid_config_and_vanilla_baselines_exist():

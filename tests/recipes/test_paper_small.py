@@ -3,13 +3,14 @@ two variants (a few steps each) producing the table, the JSON and the plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import script_module
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "recipes" / "paper_small" / "run.py"
@@ -20,11 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("paper_small_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    with script_module(SCRIPT, "paper_small_run") as module:
+        return module
 
 
 def test_variants_follow_the_papers_ramp():
