@@ -34,6 +34,7 @@ def test_bad_override_one_line_exit_2_nothing_written(tmp_path, override, field)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_default_run_short_override_loss_falls(tmp_path):
     """The embedded default (tiny ReXMoE, r=4, PSR on), shortened; the PSR ramp is squeezed in."""
     run_dir = tmp_path / "run"
@@ -83,6 +84,7 @@ def test_dry_run_prints_layout_without_training(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path):
     """Running the same command again resumes at train.train_iters: no step, exit 0, no 'nan'."""
     run_dir = tmp_path / "run"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rexmoe_train.data.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +40,7 @@ SMALL = ("train.train_iters=3", "train.eval_interval=3", "train.eval_iters=1", "
          "rexmoe.psr.start_step=0", "rexmoe.psr.end_step=2", "run.progress=false")
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_train_on_preprocessed_blend(tmp_path):
     a, b = _make_data(tmp_path)
     run_dir = tmp_path / "run"

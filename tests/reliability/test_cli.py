@@ -27,6 +27,7 @@ def _wait_for(path: Path, proc, timeout: float = 180) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_signal_during_startup_exits_75(tmp_path):
     """SIGTERM while the model is being built (the run dir is locked from the start of the build)."""
     run_dir = tmp_path / "run"
@@ -39,6 +40,7 @@ def test_signal_during_startup_exits_75(tmp_path):
     assert not (run_dir / "checkpoints").exists()  # nothing trained: nothing to save
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_locked_run_dir_exits_2_naming_the_holder(tmp_path):
     from rexmoe_train.training.run_lock import RunLock
 
@@ -66,6 +68,7 @@ def _user_namespaces() -> bool:
 
 
 @pytest.mark.skipif(not _user_namespaces(), reason="needs unprivileged user namespaces (unshare -rm) for a small tmpfs")
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_disk_full_during_save(tmp_path):
     """A: 2 steps, saved. B: resumes to 4 with ~1 MiB free; the step-4 save hits ENOSPC: one line naming
     the path and errno, iter_2 and the pointer intact. C: a dead save's .tmp fills the disk to the last

@@ -506,6 +506,7 @@ def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
     assert got == ref  # bitwise, the steps before and after the stop
 
 
+@pytest.mark.slow  # a real end-to-end CLI run
 def test_cli_mismatched_checkpoint_exit_2_one_line(tmp_path, saved_checkpoint):
     source, _ = saved_checkpoint
     before = snapshot(source)
