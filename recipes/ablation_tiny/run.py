@@ -2,7 +2,7 @@
 """Where does reuse beat vanilla? A seeded grid of reuse, gating and balancing variants on the tiny model.
 
     python recipes/ablation_tiny/run.py [--out runs/ablation_tiny] [--steps 250] [--seeds 42 43 44]
-                                        [--only NAME ...] [--report-only] [HYDRA_OVERRIDE ...]
+                                        [--only NAME ...] [--jobs N] [--report-only] [HYDRA_OVERRIDE ...]
 
 Every variant trains the tiny default model (4 MoE layers, 8 experts each, top-2) for --steps steps
 once per seed; only the reuse / gating / balancing settings differ, and within a seed every variant
@@ -14,7 +14,9 @@ Writes to --out: results.json (every run's final val loss, MaxVio and under-used
 curve) and results.md (per variant: mean and spread (min..max, sample std) over seeds, and the
 per-seed difference to vanilla with the same gating). Nothing is tuned per variant; tune only on the
 embedded corpus, and check any conclusion on text the project never saw (`data.*` overrides).
-A run whose metrics already reach --steps is not trained again.
+A run whose metrics already reach --steps is not trained again. --jobs runs that many trainings at
+once, one thread each (on a machine with C cores, --jobs C uses them all; one 2-thread run uses
+two cores less well than two 1-thread runs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,11 +181,12 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--eval-iters", type=int, default=16, help="held-out micro-batches per evaluation")
     p.add_argument("--only", nargs="+", metavar="NAME", help=" | ".join(v.name for v in VARIANTS))
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (default 1)")
     p.add_argument("--report-only", action="store_true")
     args, extra = p.parse_known_args(argv)
     check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
-    if args.steps < 5 or args.eval_iters < 1:
-        p.error("--steps must be >= 5 and --eval-iters >= 1")
+    if args.steps < 5 or args.eval_iters < 1 or args.jobs < 1:
+        p.error("--steps must be >= 5, --eval-iters >= 1 and --jobs >= 1")
     args.out = args.out.resolve()
     return args, extra
 
@@ -192,11 +196,16 @@ def main(argv=None) -> int:
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
     began = time.perf_counter()
     runs = {}
+    # seed-major: a partial grid already compares every variant on one seed
+    todo = [(v, seed) for seed in args.seeds for v in chosen]
     try:
-        for seed in args.seeds:  # seed-major: a partial grid already compares every variant on one seed
-            for v in chosen:
-                run_dir = args.out / f"{v.name}-s{seed}" if args.report_only else train(v, seed, args, extra)
-                runs[(v.name, seed)] = summarise_run(run_dir)
+        if args.report_only:
+            dirs = [args.out / f"{v.name}-s{seed}" for v, seed in todo]
+        else:
+            with ThreadPoolExecutor(args.jobs) as pool:  # each job is a training subprocess
+                dirs = list(pool.map(lambda job: train(*job, args, extra), todo))
+        for (v, seed), run_dir in zip(todo, dirs):
+            runs[(v.name, seed)] = summarise_run(run_dir)
     except RecipeError as err:
         print(f"[ablation] error: {err}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def test_two_seed_smoke_run(tmp_path):
     tiny = ["model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_length=32",
             "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr_warmup_iters=1"]
     proc = subprocess.run([sys.executable, str(SCRIPT), *tiny, "--out", str(out), "--steps", "5",
-                           "--eval-iters", "1", "--seeds", "1", "2", "--only", "r1", "r4_bias_physical"],
+                           "--eval-iters", "1", "--seeds", "1", "2", "--only", "r1", "r4_bias_physical", "--jobs", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
