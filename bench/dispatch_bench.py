@@ -5,7 +5,8 @@ bytes: the real DedupAllToAllDispatcher over an ep-rank gloo world, fed simulate
        expectation for uniform routing.
          torchrun --standalone --nproc-per-node 8 bench/dispatch_bench.py bytes --out b.json
 step:  fwd+bwd time per micro-batch of a small GPT at ep=2 (2 processes): r=4 vs r=1, our r=1 vs a
-       stock megatron MoE GPTModel, rexmoe_dedup vs alltoall.
+       stock megatron MoE GPTModel, rexmoe_dedup vs alltoall, the SequentialMLP loop bank vs the
+       grouped bank (model.moe_grouped_gemm), all in one round-robin run.
          torchrun --standalone --nproc-per-node 2 bench/dispatch_bench.py step --out s.json
 
 Byte formulas: rexmoe_train/parallel/dispatcher.py. Counted: forward, to other ranks only.
@@ -136,7 +137,7 @@ def bench_bytes(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # step
 # --------------------------------------------------------------------------------------------------
-def _step_config(r: int, dispatcher: str, args) -> ExperimentConfig:
+def _step_config(r: int, dispatcher: str, args, grouped: bool = False) -> ExperimentConfig:
     cfg = ExperimentConfig()
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = 8, 256, 4, 2
@@ -146,6 +147,7 @@ def _step_config(r: int, dispatcher: str, args) -> ExperimentConfig:
     cfg.train.seq_length, cfg.train.micro_batch_size = 256, args.micro_batch
     cfg.parallel.expert_model_parallel_size = 2
     cfg.parallel.moe_token_dispatcher_type = dispatcher
+    m.moe_grouped_gemm = grouped
     return cfg.validate(dist.get_world_size())
 
 
@@ -180,6 +182,23 @@ def _time_step(model, x, pos) -> float:
     return float(elapsed)
 
 
+def _target_ratios(rows: list[dict]) -> dict:
+    """The issue's targets by the median: r=4 / r=1 in our stack (same dispatcher and bank) and our
+    r=1 / stock megatron (per bank, alltoall)."""
+    by = {(row["r"], row["dispatcher"], row["bank"]): row["median_s"] for row in rows}
+    stock = by[(1, "alltoall", "megatron SequentialMLP")]
+    out = {}
+    for (r, dispatcher, bank), t in by.items():
+        if r == 4 and (1, dispatcher, bank) in by:
+            out[f"r=4 / r=1, {dispatcher}, {bank}"] = t / by[(1, dispatcher, bank)]
+        if r == 1 and dispatcher == "alltoall" and bank != "megatron SequentialMLP":
+            out[f"ours r=1 ({bank}) / stock megatron"] = t / stock
+    best_r1 = min(t for (r, _, bank), t in by.items() if r == 1 and bank != "megatron SequentialMLP")
+    out["best r=4 / best r=1 (any dispatcher, bank)"] = min(
+        t for (r, _, _), t in by.items() if r == 4) / best_r1
+    return out
+
+
 def bench_step(args) -> dict:
     """All cases are built up front and timed round-robin (one step each per round), so background
     load on a shared machine hits every case alike; the median over rounds is reported."""
@@ -188,14 +207,17 @@ def bench_step(args) -> dict:
     from rexmoe_train.training.metrics import dispatch_bytes
 
     vocab = 257
-    cases = [("megatron MoE (stock)", 1, "alltoall", True), ("ours r=1", 1, "alltoall", False),
-             ("ours r=1", 1, "rexmoe_dedup", False), ("ours r=4", 4, "alltoall", False),
-             ("ours r=4", 4, "rexmoe_dedup", False)]
+    # (name, r, dispatcher, stock, grouped bank)
+    cases = [("megatron MoE (stock)", 1, "alltoall", True, False)]
+    for r in (1, 4):
+        for dispatcher in ("alltoall", "rexmoe_dedup"):
+            for grouped in args.banks:
+                cases.append((f"ours r={r}", r, dispatcher, False, grouped == "grouped"))
     compat.reset_megatron_global_state()
     init_model_parallel(_step_config(1, "alltoall", args).parallel, 1234)  # one layout for all
     models = []
-    for _, r, dispatcher, stock in cases:
-        cfg = _step_config(r, dispatcher, args)
+    for _, r, dispatcher, stock, grouped in cases:
+        cfg = _step_config(r, dispatcher, args, grouped)
         models.append(_stock_megatron_model(cfg, vocab) if stock else build_model(cfg, vocab).chunks[0])
     seq, mb = cfg.train.seq_length, cfg.train.micro_batch_size
     pos = torch.arange(seq).unsqueeze(0).expand(mb, -1)
@@ -208,9 +230,10 @@ def bench_step(args) -> dict:
             if i >= args.warmup:
                 times[c].append(elapsed)
     rows = []
-    for (name, r, dispatcher, stock), model, case_times in zip(cases, models, times):
+    for (name, r, dispatcher, stock, grouped), model, case_times in zip(cases, models, times):
         median = statistics.median(case_times)
-        row = {"model": name, "r": r, "dispatcher": dispatcher, "median_s": median,
+        bank = "megatron SequentialMLP" if stock else ("grouped" if grouped else "SequentialMLP")
+        row = {"model": name, "r": r, "dispatcher": dispatcher, "bank": bank, "median_s": median,
                "min_s": min(case_times), "times_s": case_times,
                "tokens_per_s": mb * seq * dist.get_world_size() / median}
         dispatchers = [] if stock else find_dedup_dispatchers([model])
@@ -224,9 +247,14 @@ def bench_step(args) -> dict:
                 extra = (f"  fwd a2a MB/step: dispatch {row['dispatch_bytes'] / 1e6:.2f} "
                          f"(stock {row['stock_dispatch_bytes'] / 1e6:.2f}), combine "
                          f"{row['combine_bytes'] / 1e6:.2f} (stock {row['stock_combine_bytes'] / 1e6:.2f})")
-            print(f"{name:<22}{dispatcher:<14}{median * 1e3:>9.1f} ms (min {min(case_times) * 1e3:.1f})"
+            print(f"{name:<22}{dispatcher:<14}{bank:<24}{median * 1e3:>9.1f} ms (min {min(case_times) * 1e3:.1f})"
                   f"{row['tokens_per_s']:>8.0f} tok/s" + extra, flush=True)
-    return {"config": {"layers": 8, "hidden": 256, "experts_per_layer": 16, "topk": 4, "seq": 256,
+    ratios = _target_ratios(rows)
+    if dist.get_rank() == 0:
+        for name, value in ratios.items():
+            print(f"{name:<58}{value:>7.3f}")
+    return {"ratios_by_median": ratios,
+            "config": {"layers": 8, "hidden": 256, "experts_per_layer": 16, "topk": 4, "seq": 256,
                        "micro_batch": mb, "moe_ffn_hidden": args.ffn, "ep": 2,
                        "world": dist.get_world_size(), "threads_per_rank": torch.get_num_threads(),
                        "device": platform.device_name(), "warmup": args.warmup, "iters": args.iters,
@@ -247,6 +275,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro-batch", type=int, default=4, help="step: sequences per micro-batch")
     parser.add_argument("--ffn", type=int, default=512, help="step: expert FFN hidden size")
+    parser.add_argument("--banks", nargs="+", choices=("loop", "grouped"), default=["loop", "grouped"],
+                        help="step: our expert banks to time (loop = SequentialMLP)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()

@@ -6,7 +6,9 @@ each r times smaller. This times exactly that, on one process, fwd+bwd of the sa
 
   megatron  megatron's SequentialMLP (what ExpertBank is on the local path)
   plain     a bare loop of F.linear per expert with the same weights (no megatron Python around it)
-  grouped   GroupedExpertBank's path (model.moe_grouped_gemm): one torch grouped_mm per projection
+  grouped   GroupedExpertBank's path (model.moe_grouped_gemm): one torch grouped_mm per projection,
+            stacking the weights once per call (a bank shares that stack among its group's r layers)
+  grouped_prestacked  the same with the weights stacked outside the timed region: the GEMMs alone
 
 for each expert count, so the gap between the counts is the GEMM-size cost and the gap between the
 two implementations is megatron's per-expert overhead.
@@ -59,24 +61,29 @@ def plain_forward(experts: SequentialMLP, x: torch.Tensor, counts: list[int], pr
     return torch.cat(outs)
 
 
-def grouped_forward(experts: SequentialMLP, x: torch.Tensor, offs: torch.Tensor, probs: torch.Tensor):
+def grouped_forward(experts: SequentialMLP, x: torch.Tensor, offs: torch.Tensor, probs: torch.Tensor,
+                    stacks: tuple | None = None):
     """GroupedExpertBank's computation (model/experts.py) on the same weights."""
     from rexmoe_train.model.experts import _grouped_linear
 
     fc1 = [e.linear_fc1.weight for e in experts.local_experts]
     fc2 = [e.linear_fc2.weight for e in experts.local_experts]
-    a, b = torch.chunk(_grouped_linear(x, fc1, offs), 2, dim=-1)
-    return _grouped_linear(F.silu(a) * b * probs.unsqueeze(-1), fc2, offs)
+    stack1, stack2 = stacks or (None, None)
+    a, b = torch.chunk(_grouped_linear(x, fc1, offs, stack1), 2, dim=-1)
+    return _grouped_linear(F.silu(a) * b * probs.unsqueeze(-1), fc2, offs, stack2)
 
 
-def time_fwd_bwd(fn, x: torch.Tensor, iters: int, warmup: int = 2) -> list[float]:
-    times = []
+def time_fwd_bwd(impls: dict, x: torch.Tensor, iters: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Round-robin: one fwd+bwd of each implementation per round, so load on a shared machine hits
+    all alike."""
+    times = {name: [] for name in impls}
     for i in range(warmup + iters):
-        x.grad = None
-        start = time.perf_counter()
-        fn().sum().backward()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
+        for name, fn in impls.items():
+            x.grad = None
+            start = time.perf_counter()
+            fn().sum().backward()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -96,14 +103,17 @@ def run(experts_list: list[int], rows: int, hidden: int, ffn: int, iters: int, s
         counts = [rows // num] * num
         per_expert = torch.tensor(counts)
         offs = per_expert.cumsum(0).to(torch.int32)
+        with torch.no_grad():
+            stacks = (torch.stack([e.linear_fc1.weight for e in experts.local_experts]),
+                      torch.stack([e.linear_fc2.weight for e in experts.local_experts]))
         impls = {"megatron": lambda: experts(x, per_expert, probs)[0],
                  "plain": lambda: plain_forward(experts, x, counts, probs),
-                 "grouped": lambda: grouped_forward(experts, x, offs, probs)}
+                 "grouped": lambda: grouped_forward(experts, x, offs, probs),
+                 "grouped_prestacked": lambda: grouped_forward(experts, x, offs, probs, stacks)}
         with torch.no_grad():  # all compute the same thing: guards the comparison itself
             ref = impls["megatron"]()
-            max_diff = max((ref - impls[k]()).abs().max().item() for k in ("plain", "grouped"))
-        for name, fn in impls.items():
-            ms = time_fwd_bwd(fn, x, iters)
+            max_diff = max((ref - impls[k]()).abs().max().item() for k in impls if k != "megatron")
+        for name, ms in time_fwd_bwd(impls, x, iters).items():
             results.append({"experts": num, "rows_per_expert": rows // num, "impl": name,
                             "median_ms": statistics.median(ms), "min_ms": min(ms), "max_abs_diff": max_diff})
     return {"config": {"rows": rows, "hidden": hidden, "ffn": ffn, "iters": iters,

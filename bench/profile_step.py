@@ -82,9 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args, extra = p.parse_known_args(argv)
     from rexmoe_train import compat
+
+    compat.install()  # before any megatron-facing import
     from rexmoe_train.parallel.state import init_distributed
 
-    compat.install()
     init_distributed()
     results = [profile(r, args.steps, args.top, extra) for r in args.reuse]
     for res in results:

@@ -70,11 +70,76 @@ class _GroupSlots:
         return self.group.first_moe_layer + owner, expert
 
 
+def _unsupported_by_direct_path(config) -> str | None:
+    """Why the bank's own expert computation (the lean loop, the grouped GEMM) cannot stand in for
+    megatron's MLP modules under ``config``; None when it can."""
+    c = config
+    if c.add_bias_linear:
+        return "biased expert linears"
+    if c.fp8 or c.fp4:
+        return "fp8/fp4 (use the transformer_engine path)"
+    if c.use_te_activation_func:
+        return "TE activation functions"
+    if c.bias_activation_fusion and not (c.gated_linear_unit and c.activation_func is F.silu):
+        return "a fused activation other than SwiGLU"
+    return None
+
+
 class ExpertBank(_GroupSlots, SequentialMLP):
+    """SequentialMLP over the group's local slots.
+
+    Its forward is megatron's loop with megatron's per-expert MLP modules taken out where they add
+    nothing (expert tensor-parallel size 1, no bias, no fp8, no gradient-accumulation fusion, no
+    delayed weight gradients): per slot one ``F.linear`` for fc1, the activation, one for fc2, on the
+    same parameters. At r=4 a rank runs r times more (smaller) experts than at r=1, so the per-expert
+    Python of megatron's MLP and its linear autograd functions is a cost that grows with r
+    (docs/benchmarks.md, issue 15). Anything else takes SequentialMLP.forward unchanged."""
+
     def __init__(self, num_local_experts, config, submodules, pg_collection, *,
                  group: ReuseGroup, placement: ExpertPlacement, num_moe_layers: int) -> None:
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self._bind_group(num_local_experts, group, placement, num_moe_layers)
+        c = self.config
+        self._why_not = _unsupported_by_direct_path(c)
+        if self._why_not is None and self.tp_group.size() > 1:  # fc2 would need megatron's reduction
+            self._why_not = "expert tensor parallelism (expert_tensor_parallel_size > 1)"
+        self._lean_loop = (self._why_not is None and not c.gradient_accumulation_fusion
+                           and not getattr(c, "delay_wgrad_compute", False))
+
+    def _activation(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """megatron MLP's activation between fc1 and fc2 (mlp.py), with ``probs`` as per_token_scale."""
+        c = self.config
+        if c.bias_activation_fusion:  # SwiGLU only (_unsupported_by_direct_path)
+            return weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1),
+                                             c.activation_func_fp8_input_store)
+        if c.gated_linear_unit:
+            x_glu, x_linear = torch.chunk(fc1_out, 2, dim=-1)  # megatron's order: [gate | linear]
+            if (val := c.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_linear = x_linear.clamp(min=-val, max=val)
+            out = c.activation_func(x_glu) * (x_linear + c.glu_linear_offset)
+        else:
+            out = c.activation_func(fc1_out)
+        return (out * probs.unsqueeze(-1)).to(out.dtype)
+
+    def _probs_on_input(self, x: torch.Tensor, probs: torch.Tensor):
+        """``moe_apply_probs_on_input``, as SequentialMLP: scale the input, gate 1."""
+        assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` needs moe_router_topk=1"
+        return (probs.unsqueeze(-1) * x).to(x.dtype), torch.ones_like(probs)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        if not self._lean_loop:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            x, probs = self._probs_on_input(x, probs)
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        outs = []
+        for expert, rows, gates in zip(self.local_experts, torch.split(x, counts), torch.split(probs, counts)):
+            hidden = self._activation(F.linear(rows, expert.linear_fc1.weight), gates)
+            outs.append(F.linear(hidden, expert.linear_fc2.weight))
+        return torch.cat(outs), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, checkpoint_prefix=None):
         """``prefix`` names the local module path; ``checkpoint_prefix`` the layout-free key."""
@@ -110,32 +175,37 @@ _STRIDE_ALIGN_BYTES = 16
 class _GroupedLinear(torch.autograd.Function):
     """out[rows of slot i] = x[rows of slot i] @ weights[i].T for all slots in one grouped GEMM.
 
-    The slots' weights are separate parameters; grouped_mm wants them stacked. Stacking is a copy,
-    and letting autograd save that copy would keep one extra copy of the whole local bank alive per
-    MoE layer per micro-batch until the backward pass. This saves the parameters themselves and
-    stacks again in the backward pass instead (a transient copy, freed right away)."""
+    The slots' weights are separate parameters (same checkpoint keys as the loop bank); grouped_mm
+    wants them stacked. ``stacked`` is that copy, made without autograd by the bank and shared by
+    the r layers of the group within one forward pass (``GroupedExpertBank._stack``): the backward
+    pass reuses it instead of stacking again, and hands slot i's weight gradient to parameter i as
+    a view of one [S, out, in] grouped GEMM result."""
 
     @staticmethod
-    def forward(ctx, x, offs, *weights):
-        ctx.save_for_backward(x, offs, *weights)
-        return _GROUPED_MM(x, torch.stack(weights).transpose(1, 2), offs=offs)
+    def forward(ctx, x, offs, stacked, *weights):
+        ctx.save_for_backward(x, offs, stacked)
+        return _GROUPED_MM(x, stacked.transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, grad):
-        x, offs, *weights = ctx.saved_tensors
+        x, offs, stacked = ctx.saved_tensors
         # grouped_mm rejects odd-strided operands (e.g. the expanded gradient of ``out.sum()``)
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _GROUPED_MM(grad, torch.stack(weights), offs=offs)
-        if any(ctx.needs_input_grad[2:]):
+            grad_x = _GROUPED_MM(grad, stacked, offs=offs)
+        if any(ctx.needs_input_grad[3:]):
             # the weight gradient of slot i: grad[rows i].T @ x[rows i]; 2D x 2D split by offs
             grad_w = _GROUPED_MM(grad.t(), x, offs=offs).unbind(0)
-        return (grad_x, None, *(grad_w or [None] * len(weights)))
+        return (grad_x, None, None, *(grad_w or [None] * (len(ctx.needs_input_grad) - 3)))
 
 
-def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], offs: torch.Tensor) -> torch.Tensor:
-    return _GroupedLinear.apply(x, offs, *weights)
+def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], offs: torch.Tensor,
+                    stacked: torch.Tensor | None = None) -> torch.Tensor:
+    if stacked is None:
+        with torch.no_grad():
+            stacked = torch.stack(weights)
+    return _GroupedLinear.apply(x, offs, stacked, *weights)
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -169,32 +239,52 @@ class GroupedExpertBank(ExpertBank):
     The parameters are ExpertBank's (one megatron MLP per slot), so checkpoint keys, offsets, the
     expert grad buffer and optimizer are untouched: each projection stacks the r*N/ep weight
     matrices for ``grouped_mm`` (rows of slot i at [offs[i-1], offs[i])) and hands slot i's weight
-    gradient back to slot i's parameter (``_GroupedLinear``). The gated linear unit, the
+    gradient back to slot i's parameter (``_GroupedLinear``). The stacked copy is made once per
+    forward pass of the model chunk and shared by the group's r layers; autograd keeps it until
+    their backward (memory: one copy of the local bank's weights per group and micro-batch in
+    flight, the price of not stacking 4r times per step). The gated linear unit, the
     activation and the per-row gate (``probs``) are applied as megatron's MLP does between fc1 and fc2.
 
     Falls back to SequentialMLP's loop when grouped_mm does not run on the device/dtype in use, when
     a row width is not 16-byte aligned, or for what the grouped path does not implement (biases,
-    fp8/fp4, TE activation functions, non-SwiGLU fused activations); ``required`` logs that fallback
-    once instead of taking it silently."""
+    fp8/fp4, TE activation functions, non-SwiGLU fused activations, expert tensor parallelism);
+    ``required`` logs that fallback once instead of taking it silently."""
 
     def __init__(self, *args, required: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.required = required
         self._warned = False
         c = self.config
-        self._why_not = None
-        if c.add_bias_linear:
-            self._why_not = "biased expert linears"
-        elif c.fp8 or c.fp4:
-            self._why_not = "fp8/fp4 (use the transformer_engine path)"
-        elif c.use_te_activation_func:
-            self._why_not = "TE activation functions"
-        elif c.bias_activation_fusion and not (c.gated_linear_unit and c.activation_func is F.silu):
-            self._why_not = "a fused activation other than SwiGLU"
         # megatron's selective "moe_act" recompute, as its GroupedMLP: keep fc1's output, drop the
         # activation's and recompute it when fc2's backward needs it (the loop fallback ignores it)
         self.activation_recompute = (c.recompute_granularity == "selective"
                                      and "moe_act" in c.recompute_modules)
+        # (key, fc1 stack, fc2 stack) while the model chunk's forward pass runs (see _stacked)
+        self._stacks = None
+        self._in_forward_pass = False
+
+    def begin_forward_pass(self) -> None:
+        """The model chunk's forward starts (a hook set by build_model): until it ends, the weights
+        cannot change, so the r layers of the group share one stacked copy (_stacked)."""
+        self._stacks, self._in_forward_pass = None, True
+
+    def end_forward_pass(self) -> None:
+        self._stacks, self._in_forward_pass = None, False  # the layers' autograd saved what they need
+
+    def _stacked(self, fc1: list[torch.Tensor], fc2: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc1 and fc2 weights stacked [S, out, in]: once per forward pass of the chunk, not once per
+        layer and again in the backward pass (that was 4r copies of the local bank per step and
+        group; now 2). Outside a chunk's forward (a recompute replay in the backward pass, a bank
+        called directly) each call stacks its own. The key (each weight's storage and in-place
+        version) guards the cache against a weight changed inside a pass."""
+        key = tuple((w.data_ptr(), w._version) for w in (*fc1, *fc2))
+        if self._stacks is not None and self._stacks[0] == key:
+            return self._stacks[1], self._stacks[2]
+        with torch.no_grad():
+            stacks = (key, torch.stack(fc1), torch.stack(fc2))
+        if self._in_forward_pass:
+            self._stacks = stacks
+        return stacks[1], stacks[2]
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         """Whether this call can take the grouped path (see the class docstring)."""
@@ -211,45 +301,28 @@ class GroupedExpertBank(ExpertBank):
             self._warned = True
         return why is None
 
-    def _activation(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """megatron MLP's activation between fc1 and fc2 (mlp.py), with ``probs`` as per_token_scale."""
-        c = self.config
-        if c.bias_activation_fusion:  # SwiGLU only (checked in __init__)
-            return weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1),
-                                             c.activation_func_fp8_input_store)
-        if c.gated_linear_unit:
-            x_glu, x_linear = torch.chunk(fc1_out, 2, dim=-1)  # megatron's order: [gate | linear]
-            if (val := c.activation_func_clamp_value) is not None:
-                x_glu = x_glu.clamp(min=None, max=val)
-                x_linear = x_linear.clamp(min=-val, max=val)
-            out = c.activation_func(x_glu) * (x_linear + c.glu_linear_offset)
-        else:
-            out = c.activation_func(fc1_out)
-        return (out * probs.unsqueeze(-1)).to(out.dtype)
-
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
         x = permuted_local_hidden_states
         if not self.grouped_ok(x):
             return super().forward(x, tokens_per_expert, permuted_probs)
-        if self.config.moe_apply_probs_on_input:  # as SequentialMLP: scale the input, gate 1
-            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` needs moe_router_topk=1"
-            x = (permuted_probs.unsqueeze(-1) * x).to(x.dtype)
-            permuted_probs = torch.ones_like(permuted_probs)
+        if self.config.moe_apply_probs_on_input:
+            x, permuted_probs = self._probs_on_input(x, permuted_probs)
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.tensor(tokens_per_expert)
         offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         fc1 = [e.linear_fc1.weight for e in self.local_experts]
         fc2 = [e.linear_fc2.weight for e in self.local_experts]
-        fc1_out = _grouped_linear(x, fc1, offs)
+        fc1_stacked, fc2_stacked = self._stacked(fc1, fc2)
+        fc1_out = _grouped_linear(x, fc1, offs, fc1_stacked)
         if self.activation_recompute:
             # fp8=None means "no fp8" to megatron 0.16 (its default, False, means fp8 and needs TE)
             checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
             hidden = checkpoint.checkpoint(self._activation, fc1_out, permuted_probs)
-            out = _grouped_linear(hidden, fc2, offs)
+            out = _grouped_linear(hidden, fc2, offs, fc2_stacked)
             checkpoint.discard_output_and_register_recompute(out)
             return out, None
-        return _grouped_linear(self._activation(fc1_out, permuted_probs), fc2, offs), None
+        return _grouped_linear(self._activation(fc1_out, permuted_probs), fc2, offs, fc2_stacked), None
 
 
 if TEGroupedMLP is not None:
@@ -353,6 +426,22 @@ class ExpertBanks(MegatronModule):
 
     def add(self, group_index: int, bank: ExpertBank) -> None:
         self.banks[str(group_index)] = bank
+
+    def attach_forward_hooks(self, chunk: torch.nn.Module) -> None:
+        """Tell the banks when ``chunk``'s forward pass begins and ends (GroupedExpertBank shares
+        one stacked copy of its weights among the r layers of a pass)."""
+        banks = [b for b in self.banks.values() if hasattr(b, "begin_forward_pass")]
+        def begin(*_):
+            for bank in banks:
+                bank.begin_forward_pass()
+
+        def end(*_):
+            for bank in banks:
+                bank.end_forward_pass()
+
+        if banks:
+            chunk.register_forward_pre_hook(begin)
+            chunk.register_forward_hook(end)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         out = {}

@@ -248,6 +248,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
         for index, runtime in runtimes.items():
             banks.add(index, runtime.bank)
         model.expert_banks = banks  # registered once, outside the layer stack
+        banks.attach_forward_hooks(model)
         chunks.append(model)
         all_runtimes.append(runtimes)
     return ReXMoEModel(chunks, all_runtimes, tc, psr_state, padded)

@@ -91,7 +91,8 @@ def test_ep2_matches_single_rank(layout, dispatcher, r, capacity):
 @pytest.mark.parametrize("r", [1, 4])
 def test_grouped_bank_equals_sequential_bank_at_ep2(layout, r):
     """model.moe_grouped_gemm at ep=2: the grouped bank's loss and gradients equal the SequentialMLP
-    bank's (fp32, 1e-6), through the bank alone (slots with no rows, uneven rows) and the model."""
+    bank's (fp32, 1e-6), through the bank alone (slots with no rows, uneven rows) and the model; so
+    do the loop bank's own F.linear loop and megatron's SequentialMLP.forward."""
     from rexmoe_train.model.experts import ExpertBank, GroupedExpertBank
     from rexmoe_train.model.gpt import build_model
 
@@ -107,6 +108,12 @@ def test_grouped_bank_equals_sequential_bank_at_ep2(layout, r):
     built[True].load_state_dict(built[False].state_dict())
     banks = {k: m.expert_banks.banks["0"] for k, m in built.items()}
     assert type(banks[False]) is ExpertBank and type(banks[True]) is GroupedExpertBank
+    assert banks[False]._lean_loop  # the loop bank's own F.linear loop ...
+    cfg.model.moe_grouped_gemm = False
+    layout(cfg.parallel)
+    megatron_path = build_model(cfg, 96).chunks[0]  # ... and megatron's SequentialMLP.forward
+    megatron_path.load_state_dict(built[False].state_dict())
+    megatron_path.expert_banks.banks["0"]._lean_loop = False
 
     g = torch.Generator().manual_seed(7 + rank)
     slots = banks[True].num_local_experts
@@ -127,14 +134,15 @@ def test_grouped_bank_equals_sequential_bank_at_ep2(layout, r):
     x = torch.randint(0, 96, (2, 32), generator=g)
     pos = torch.arange(32).unsqueeze(0).expand(2, -1)
     results = {}
-    for k, model in built.items():
+    for k, model in (*built.items(), ("megatron", megatron_path)):
         model.zero_grad(set_to_none=True)
         loss = _forward_backward(model, x, pos)
         results[k] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-6)
-    assert results[True][1].keys() == results[False][1].keys()
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=0, atol=1e-6, msg=name)
+    for k in (True, "megatron"):
+        torch.testing.assert_close(results[k][0], results[False][0], rtol=0, atol=1e-6)
+        assert results[k][1].keys() == results[False][1].keys()
+        for name, grad in results[False][1].items():
+            torch.testing.assert_close(results[k][1][name], grad, rtol=0, atol=1e-6, msg=f"{k} {name}")
 
 
 def test_recompute_at_ep2_counts_once(megatron_world, tmp_path):

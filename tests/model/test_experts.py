@@ -195,3 +195,75 @@ def test_grouped_bank_falls_back_where_grouped_mm_cannot_run(layout):
     probs = torch.rand(5)
     ref = loop.chunks[0].expert_banks.banks["0"](x, counts, probs)[0]
     torch.testing.assert_close(bank(x, counts, probs)[0], ref, rtol=0, atol=0)
+
+
+def test_grouped_bank_stacks_once_per_forward_pass(layout):
+    """The r layers of a group share one stacked copy of the bank's weights per forward pass of the
+    chunk (released when the pass ends), and a weight changed in place inside a pass is restacked."""
+    cfg = tiny_config(r=4, layers=4)
+    loop, grouped = _bank_pair(cfg, layout)
+    bank = grouped.chunks[0].expert_banks.banks["0"]
+    stacked = []
+    original = bank._stacked
+    bank._stacked = lambda fc1, fc2: stacked.append(original(fc1, fc2)) or stacked[-1]
+    x, pos = _tokens(cfg)
+    grouped.chunks[0](x, pos, None, labels=x).float().mean().backward()
+    assert len(stacked) == 4  # one call per layer of the group ...
+    assert len({id(fc1) for fc1, _ in stacked}) == 1  # ... all with the same stacked tensor
+    assert bank._stacks is None and not bank._in_forward_pass  # released after the pass
+
+    # inside a pass, a weight changed in place is restacked (the key holds its version)
+    loop_bank = loop.chunks[0].expert_banks.banks["0"]
+    counts = torch.full((bank.num_local_experts,), 2)
+    h, probs = torch.randn(int(counts.sum()), cfg.model.hidden_size), torch.rand(int(counts.sum()))
+    bank.begin_forward_pass()
+    bank(h, counts, probs)
+    with torch.no_grad():
+        for b in (bank, loop_bank):
+            b.local_experts[3].linear_fc2.weight.mul_(2.0)
+    out = bank(h, counts, probs)[0]
+    bank.end_forward_pass()
+    torch.testing.assert_close(out, loop_bank(h, counts, probs)[0], rtol=0, atol=1e-6)
+
+
+def test_lean_loop_equals_megatron_sequential_mlp(layout):
+    """The loop bank's own forward (F.linear per slot, megatron's MLP modules taken out) gives the
+    outputs and gradients of megatron's SequentialMLP.forward on the same weights (fp32, 1e-6), at
+    r=1 and r=4, with empty and uneven slots; a config it does not cover takes megatron's path."""
+    from rexmoe_train.model.experts import ExpertBank
+
+    for r in (1, 4):
+        cfg = tiny_config(r=r, layers=4)
+        layout(cfg.parallel)
+        bank = _build(cfg).chunks[0].expert_banks.banks["0"]
+        assert type(bank) is ExpertBank and bank._lean_loop
+        g = torch.Generator().manual_seed(10 + r)
+        counts = torch.randint(0, 9, (bank.num_local_experts,), generator=g)
+        counts[0], counts[-1] = 0, 17
+        rows = int(counts.sum())
+        x, probs = torch.randn(rows, cfg.model.hidden_size, generator=g), torch.rand(rows, generator=g)
+        out_grad = torch.randn(rows, cfg.model.hidden_size, generator=g)
+        results = []
+        for lean in (True, False):
+            bank._lean_loop = lean
+            bank.zero_grad(set_to_none=True)
+            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+            out, bias = bank(xi, counts, pi)
+            assert bias is None
+            out.backward(out_grad)
+            results.append((out.detach(), xi.grad, pi.grad, _grads(bank)))
+        (o1, x1, p1, w1), (o2, x2, p2, w2) = results
+        for a, b in ((o1, o2), (x1, x2), (p1, p2), *((w1[k], w2[k]) for k in w2)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert w1.keys() == w2.keys() and len(w1) == 2 * bank.num_local_experts
+    # what the direct paths (lean loop, grouped) do not implement goes to megatron's modules
+    import copy as _copy
+
+    from rexmoe_train.model.experts import _unsupported_by_direct_path
+
+    assert _unsupported_by_direct_path(bank.config) is None
+    for field, value, why in (("add_bias_linear", True, "biased"), ("fp8", "hybrid", "fp8"),
+                              ("use_te_activation_func", True, "TE activation")):
+        changed = _copy.copy(bank.config)
+        setattr(changed, field, value)
+        assert why in _unsupported_by_direct_path(changed)
