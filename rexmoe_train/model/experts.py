@@ -407,7 +407,7 @@ def bank_class(experts_module, grouped_gemm: bool = False) -> Callable[..., Expe
 
     Why auto is the loop on CPU: measured on this project's 2-core CPU box (torch 2.13, fp32, one
     thread, hidden 256 / FFN 512, 2048 rows, fwd+bwd; bench/expert_gemm_bench.py and
-    docs/benchmarks.md "Grouped expert bank") the grouped path was not faster than the loop at 8 or
+    docs/benchmarks.md, issue 15 (b)) the grouped path was not faster than the loop at 8 or
     32 experts, while on CUDA grouped_mm is the grouped kernel the loop cannot match."""
     if TEGroupedMLP is not None and isinstance(experts_module, type) and issubclass(
             experts_module, TEGroupedMLP):
