@@ -35,7 +35,7 @@ from pathlib import Path
 RECIPE = Path(__file__).resolve().parent
 REPO = RECIPE.parents[1]
 sys.path.insert(0, str(RECIPE.parent))  # recipes/_args.py, shared by the recipe scripts
-from _args import check_overrides_and_only  # noqa: E402
+from _args import check_overrides_and_only, split_overrides  # noqa: E402
 
 NO_PSR = ["rexmoe.psr.schedule=none"]
 NO_AUX = ["rexmoe.balance.layer_aux_coeff=0.0"]
@@ -183,7 +183,9 @@ def parse(argv=None):
     p.add_argument("--only", nargs="+", metavar="NAME", help=" | ".join(v.name for v in VARIANTS))
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (default 1)")
     p.add_argument("--report-only", action="store_true")
-    args, extra = p.parse_known_args(argv)
+    options, overrides = split_overrides(argv)
+    args, extra = p.parse_known_args(options)
+    extra += overrides
     check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
     if args.steps < 5 or args.eval_iters < 1 or args.jobs < 1:
         p.error("--steps must be >= 5, --eval-iters >= 1 and --jobs >= 1")

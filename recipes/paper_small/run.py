@@ -40,7 +40,7 @@ from pathlib import Path
 RECIPE = Path(__file__).resolve().parent
 REPO = RECIPE.parents[1]
 sys.path.insert(0, str(RECIPE.parent))  # recipes/_args.py, shared by the recipe scripts
-from _args import check_overrides_and_only  # noqa: E402
+from _args import check_overrides_and_only, split_overrides  # noqa: E402
 
 # the paper's 2.3B ramp as fractions of its 47.7k steps
 PSR_START, PSR_END = 10_000 / 47_700, 30_000 / 47_700
@@ -251,7 +251,9 @@ def parse(argv=None):
     p.add_argument("--report-only", action="store_true", help="no training: evaluate and report what exists")
     p.add_argument("--data", help="a rexmoe-preprocess output prefix to train on instead of the embedded corpus")
     p.add_argument("--tokenizer", default="byte", help="with --data: byte or the tokenizer.json used")
-    args, extra = p.parse_known_args(argv)
+    options, overrides = split_overrides(argv)
+    args, extra = p.parse_known_args(options)
+    extra += overrides
     check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
     for opt in ("steps", "nproc", "eval_batches"):
         if getattr(args, opt) < 1:

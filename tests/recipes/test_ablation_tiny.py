@@ -60,3 +60,11 @@ def test_two_seed_smoke_run(tmp_path):
     assert deltas == pytest.approx([runs[i]["val_loss"] - rows["r1"]["runs"][i]["val_loss"] for i in range(2)])
     assert rows["r1"]["runs"][0]["val_loss"] != rows["r1"]["runs"][1]["val_loss"]  # the seed matters
     assert "| r=4, aux-free bias, scope physical |" in (out / "results.md").read_text()
+
+
+def test_overrides_may_follow_a_list_option():
+    """`--only r1 r4_t2s data.source=indexed`: the override is not taken for a variant name."""
+    recipe = _recipe()
+    args, extra = recipe.parse(["--only", "r1", "r4_t2s", "data.split=80,20,0", "--seeds", "1", "train.lr=0.01"])
+    assert args.only == ["r1", "r4_t2s"] and args.seeds == [1]
+    assert extra == ["data.split=80,20,0", "train.lr=0.01"]
