@@ -51,10 +51,14 @@ class Variant:
 
     @property
     def reuse(self) -> int:
-        return next((int(o.split("=")[1]) for o in self.overrides if o.startswith("rexmoe.reuse_group_size=")), 4)
+        return next(int(o.split("=")[1]) for o in self.overrides if o.startswith("rexmoe.reuse_group_size="))
 
 
 def _v(name, label, *overrides, baseline="r1"):
+    # the reuse factor is always explicit: a model config passed as an override (e.g. paper_small's,
+    # which says r=1) must not silently turn an r=4 variant into vanilla
+    if not any(o.startswith("rexmoe.reuse_group_size=") for o in overrides):
+        overrides = ("rexmoe.reuse_group_size=4", *overrides)
     return Variant(name, label, tuple(overrides), baseline)
 
 

@@ -142,6 +142,8 @@ def compose_experiment(overrides: Sequence[str] = (), config_dir: Optional[str] 
     experiment = experiment_from_dict(data)
     if experiment.run.dir is None:
         model = choices.get("model", "model")
-        base, _ = _compose([f"model={model}"], config_dir)
+        # Hydra's own overrides (hydra.searchpath: a model config from elsewhere) apply to the base too
+        hydra = [o for o in overrides if o.lstrip("+~").startswith("hydra.")]
+        base, _ = _compose([*hydra, f"model={model}"], config_dir)
         experiment.run.dir = data["run"]["dir"] = run_dir_default(model, experiment, data, base)
     return ComposedConfig(experiment, data, choices, list(overrides))

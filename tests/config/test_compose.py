@@ -89,3 +89,16 @@ def test_configs_are_found_through_the_package_from_any_directory(tmp_path):
             "print(compose_experiment(['model=rexmoe_7b_se']).experiment.model.hidden_size)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "2048", proc.stderr[-2000:]
+
+
+def test_model_from_a_search_path_gets_its_run_dir(tmp_path):
+    """A model config found through hydra.searchpath (as the recipes pass theirs) composes without
+    run.dir: the run-dir default composes the model's base with the same search path."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("# @package _global_\nmodel:\n  num_layers: 2\n"
+                                                 "rexmoe:\n  reuse_group_size: 2\n")
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose_experiment([search, "model=mine"]).experiment
+    assert cfg.model.num_layers == 2 and cfg.run.dir == "runs/mine-r2"
+    assert compose_experiment([search, "model=mine", "rexmoe.reuse_group_size=1"]).experiment.run.dir.startswith(
+        "runs/mine-r1-")

@@ -120,6 +120,15 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _bank_fwd_bwd(bank, x, counts, probs, out_grad):
+    """One forward + backward through a bank alone -> (output, input grad, probs grad, weight grads)."""
+    xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
+    out, bias = bank(xi, counts, pi)
+    assert bias is None
+    out.backward(out_grad)
+    return out.detach(), xi.grad, pi.grad, _grads(bank)
+
+
 def test_grouped_bank_equals_sequential_bank(layout):
     """Outputs and gradients of the grouped bank equal the SequentialMLP loop (fp32, 1e-6) at r=1
     and r=4, with uneven rows and slots that receive no row, through the bank alone."""
@@ -139,12 +148,7 @@ def test_grouped_bank_equals_sequential_bank(layout):
         results = []
         assert grouped.chunks[0].expert_banks.banks["0"].grouped_ok(x)  # really the grouped path
         for built in (loop, grouped):
-            bank = built.chunks[0].expert_banks.banks["0"]
-            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
-            out, bias = bank(xi, counts, pi)
-            assert bias is None
-            out.backward(out_grad)
-            results.append((out.detach(), xi.grad, pi.grad, _grads(bank)))
+            results.append(_bank_fwd_bwd(built.chunks[0].expert_banks.banks["0"], x, counts, probs, out_grad))
         (o1, x1, p1, w1), (o2, x2, p2, w2) = results
         torch.testing.assert_close(o2, o1, rtol=0, atol=1e-6)
         torch.testing.assert_close(x2, x1, rtol=0, atol=1e-6)
@@ -247,11 +251,7 @@ def test_lean_loop_equals_megatron_sequential_mlp(layout):
         for lean in (True, False):
             bank._lean_loop = lean
             bank.zero_grad(set_to_none=True)
-            xi, pi = x.clone().requires_grad_(), probs.clone().requires_grad_()
-            out, bias = bank(xi, counts, pi)
-            assert bias is None
-            out.backward(out_grad)
-            results.append((out.detach(), xi.grad, pi.grad, _grads(bank)))
+            results.append(_bank_fwd_bwd(bank, x, counts, probs, out_grad))
         (o1, x1, p1, w1), (o2, x2, p2, w2) = results
         for a, b in ((o1, o2), (x1, x2), (p1, p2), *((w1[k], w2[k]) for k in w2)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

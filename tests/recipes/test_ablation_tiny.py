@@ -68,3 +68,16 @@ def test_overrides_may_follow_a_list_option():
     args, extra = recipe.parse(["--only", "r1", "r4_t2s", "data.split=80,20,0", "--seeds", "1", "train.lr=0.01"])
     assert args.only == ["r1", "r4_t2s"] and args.seeds == [1]
     assert extra == ["data.split=80,20,0", "train.lr=0.01"]
+
+
+def test_reuse_factor_survives_a_model_config_that_says_r1():
+    """model=paper_small sets rexmoe.reuse_group_size=1 in its YAML; an r=4 variant must still be r=4
+    (the first paper_small runs of this recipe silently trained vanilla)."""
+    from rexmoe_train.config.compose import compose_experiment
+
+    recipe = _recipe()
+    configs = REPO / "recipes" / "paper_small" / "configs"
+    for v in recipe.VARIANTS:
+        cfg = compose_experiment([f"hydra.searchpath=[file://{configs}]", "model=paper_small",
+                                  "train=paper_small", *v.overrides]).experiment
+        assert cfg.rexmoe.reuse_group_size == v.reuse == (1 if v.name.startswith("r1") else 4), v.name
