@@ -177,7 +177,7 @@ class _GroupedLinear(torch.autograd.Function):
 
     The slots' weights are separate parameters (same checkpoint keys as the loop bank); grouped_mm
     wants them stacked. ``stacked`` is that copy, made without autograd by the bank and shared by
-    the r layers of the group within one forward pass (``GroupedExpertBank._stack``): the backward
+    the r layers of the group within one forward pass (``GroupedExpertBank._stacked``): the backward
     pass reuses it instead of stacking again, and hands slot i's weight gradient to parameter i as
     a view of one [S, out, in] grouped GEMM result."""
 

@@ -257,13 +257,11 @@ def test_lean_loop_equals_megatron_sequential_mlp(layout):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert w1.keys() == w2.keys() and len(w1) == 2 * bank.num_local_experts
     # what the direct paths (lean loop, grouped) do not implement goes to megatron's modules
-    import copy as _copy
-
     from rexmoe_train.model.experts import _unsupported_by_direct_path
 
     assert _unsupported_by_direct_path(bank.config) is None
     for field, value, why in (("add_bias_linear", True, "biased"), ("fp8", "hybrid", "fp8"),
                               ("use_te_activation_func", True, "TE activation")):
-        changed = _copy.copy(bank.config)
+        changed = copy.copy(bank.config)
         setattr(changed, field, value)
         assert why in _unsupported_by_direct_path(changed)
