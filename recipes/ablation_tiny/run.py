@@ -191,8 +191,10 @@ def parse(argv=None):
     args, extra = p.parse_known_args(options)
     extra += overrides
     check_overrides_and_only(p, extra, args.only, [v.name for v in VARIANTS])
-    if args.steps < 5 or args.eval_iters < 1 or args.jobs < 1:
-        p.error("--steps must be >= 5, --eval-iters >= 1 and --jobs >= 1")
+    for option, value, least in (("--steps", args.steps, 5), ("--eval-iters", args.eval_iters, 1),
+                                 ("--jobs", args.jobs, 1)):
+        if value < least:
+            p.error(f"{option} {value}: must be >= {least}")
     args.out = args.out.resolve()
     return args, extra
 

@@ -41,6 +41,9 @@ def test_bad_arguments_one_line():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "r9"], capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--only 'r9': allowed values are r1" in lines[0]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "recipes/ablation_tiny/run.py: error: --jobs 0: must be >= 1"]
 
 
 @pytest.mark.slow
