@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_CONFIGS = {"0.5b": "rexmoe_0.5b", "2.3b": "rexmoe_2.3b"}  # rexmoe_train/configs/model/<name>.yaml
+MODEL_CONFIGS = {"0.5b": "rexmoe_0.5b", "2.3b": "rexmoe_2.3b"}  # configs/model/<name>.yaml
 from rexmoe_train.core.flops import PEAK_TFLOPS, Shape, flops_per_token, peak_tflops  # noqa: E402,F401
 
 

@@ -108,7 +108,7 @@ def gpu_test_files(repo: Path = REPO) -> tuple[list[str], list[str]]:
 
 def train_overrides(run_dir: str, reuse: int, impl: str, *, fp8: bool = False, grouped: bool = False,
                     layers: int = 4, seq: int = 4096, steps: int = 4) -> list[str]:
-    """Hydra overrides of the training smoke: the 2.3B model's dims (rexmoe_train/configs/model/rexmoe_2.3b.yaml)
+    """Hydra overrides of the training smoke: the 2.3B model's dims (configs/model/rexmoe_2.3b.yaml)
     and the paper's sequence length, at reduced depth on one GPU (EP 1), PSR off (every router sees
     all r*N candidates from step 1), a validation pass and the end-of-run checkpoint included."""
     args = ["model=rexmoe_2.3b", "train=paper", f"model.num_layers={layers}",

@@ -74,7 +74,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def has_triton_gpu() -> bool:
     """True when custom Triton kernels can run compiled on the local GPU (CUDA present and triton
-    importable). Without it the kernels in rexmoe_train/kernels fall back to their torch references
+    importable). Without it the kernels in kernels/ fall back to their torch references
     (the Triton interpreter is a test tool, far too slow for training)."""
     if not HAS_CUDA:
         return False

@@ -1,6 +1,6 @@
 """`rexmoe-train`: the training entry point. Runs as one process (`rexmoe-train ...`) or under torchrun.
 
-Composes the packaged configs (rexmoe_train/configs; ``$REXMOE_CONFIG_DIR`` overrides) with Hydra
+Composes the packaged configs (configs/, shipped as rexmoe_train.configs; ``$REXMOE_CONFIG_DIR`` overrides) with Hydra
 overrides from the command line (`model=rexmoe_0.5b rexmoe.reuse_group_size=1 train.train_iters=100`),
 validates the result into typed dataclasses before anything is built, then trains.
 

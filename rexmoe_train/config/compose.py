@@ -2,9 +2,10 @@
 
 The dataclasses of :mod:`.schema` are the one source of defaults: they are registered with Hydra as
 the structured base of ``config.yaml``, and every YAML file (``model/*.yaml``, ``train/*.yaml``) holds
-only what differs from them. The YAML files ship inside the package (``rexmoe_train/configs``) and are
-found through it, so ``pip install rexmoe-train`` (wheel or sdist, not only an editable checkout)
-has them; ``$REXMOE_CONFIG_DIR`` points Hydra at another directory with the same layout.
+only what differs from them. The YAML files live in ``configs/`` at the top of the tree and ship
+inside the package as ``rexmoe_train.configs``; they are found through the package, so
+``pip install rexmoe-train`` (wheel or sdist, not only an editable checkout) has them;
+``$REXMOE_CONFIG_DIR`` points Hydra at another directory with the same layout.
 
 Hydra's compose API is used instead of ``@hydra.main`` so that every composition problem (an
 unknown key, a wrong type, an unknown ``model=`` choice, a malformed override) becomes one
@@ -113,7 +114,7 @@ def _compose(overrides: Sequence[str], config_dir: Optional[str]) -> tuple[dict,
     _register_schema()
     if config_dir is not None and not os.path.isfile(os.path.join(config_dir, "config.yaml")):
         raise ConfigError(f"config error: {CONFIG_ENV}={config_dir!r}: must be a directory holding "
-                          "config.yaml (and model/, train/), like rexmoe_train/configs")
+                          "config.yaml (and model/, train/), like the packaged configs/")
     GlobalHydra.instance().clear()
     init = (initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None)
             if config_dir else initialize_config_module(CONFIG_MODULE, version_base=None))

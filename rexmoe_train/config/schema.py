@@ -161,7 +161,7 @@ class ReXMoEConfig:
     gate_normalization: str = "none"
     psr: PSRConfig = field(default_factory=PSRConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
-    # Triton kernels (rexmoe_train/kernels): the fused router (softmax_then_topk gating with the PSR
+    # Triton kernels (kernels/): the fused router (softmax_then_topk gating with the PSR
     # mask on scores) and the rexmoe_dedup dispatcher's permute/unpermute. auto: Triton on a GPU when
     # triton is importable, torch elsewhere; triton forces them (on CPU only under TRITON_INTERPRET=1).
     kernels: str = "auto"
