@@ -35,9 +35,9 @@ def _export(args) -> str:
         return f"exported {checkpoint_io.describe_meta(meta)} to {out}"
     # the byte tokenizer needs no file, so a byte-trained model always ships its tokenizer
     spec = args.tokenizer or ("byte" if cfg.data.tokenizer == "byte" else None)
-    if spec is not None and spec != "byte" and not Path(spec).is_file():
-        raise _error(f"--tokenizer {spec}: no such file (byte or the tokenizer.json the data was "
-                     "preprocessed with)")
+    if spec is not None and spec != "byte" and not Path(spec).exists():
+        raise _error(f"--tokenizer {spec}: no such file (byte or the tokenizer.json / tokenizer folder the "
+                     "data was preprocessed with)")
     tokenizer = export_tokenizer(spec, cfg, vocab, args.eod_token) if spec is not None else None
     out = export_hf(cfg, streamed, streamed.padded_vocab, Path(args.out), tokenizer=tokenizer,
                     source=source, tokenizer_vocab_size=vocab, overwrite=args.overwrite, progress=progress)
@@ -200,8 +200,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--compact", action="store_true", help="experts stored once + mapping (our loader)")
-    e.add_argument("--tokenizer", help="the tokenizer.json the training data was preprocessed with, or "
-                                       "byte (the default for a model trained on bytes)")
+    e.add_argument("--tokenizer", help="the tokenizer.json or Hugging Face tokenizer folder the training data "
+                                       "was preprocessed with, or byte (the default for a model trained on bytes)")
     e.add_argument("--eod-token", help="the tokenizer's end-of-document token (default: as rexmoe-preprocess "
                                        "finds it)")
     e.add_argument("--overwrite", action="store_true")

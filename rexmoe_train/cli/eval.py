@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-source", choices=("embedded", "indexed"), help="default: the checkpoint's")
     p.add_argument("--blend", nargs="+", metavar="W_OR_PREFIX",
                    help="indexed datasets: PREFIX ... or W1 PREFIX1 W2 PREFIX2 ... (default: the checkpoint's)")
-    p.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the checkpoint's data.tokenizer)")
+    p.add_argument("--tokenizer", help="byte, a tokenizer.json or a Hugging Face tokenizer folder "
+                                       "(default: the checkpoint's data.tokenizer)")
     p.add_argument("--batches", type=int, help="validation micro-batches (default: what the trainer evaluates)")
     p.add_argument("--micro-batch-size", type=int, help="windows per batch (default: train.micro_batch_size)")
     p.add_argument("--psr-step", choices=("checkpoint", "full"), default="checkpoint",

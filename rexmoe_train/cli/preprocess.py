@@ -1,4 +1,4 @@
-"""`rexmoe-preprocess`: tokenize jsonl / text files into a megatron-core indexed dataset
+"""`rexmoe-preprocess`: tokenize jsonl / Parquet / text files into a megatron-core indexed dataset
 (rexmoe_train/data/preprocess.py does the work). Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
@@ -20,22 +20,25 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rexmoe-preprocess",
-                description="Tokenize jsonl / text files into a megatron-core indexed dataset "
+                description="Tokenize jsonl / Parquet / text files into a megatron-core indexed dataset "
                             "(<prefix>.bin, <prefix>.idx) plus <prefix>.json (tokenizer, sizes).")
     p.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
-                   help="jsonl files (.jsonl/.json/.ndjson, optionally .gz): one document per line; "
-                        "any other file: one document per file")
+                   help="jsonl files (.jsonl/.json/.ndjson, optionally .gz or .zst): one document per line; "
+                        ".parquet files: one document per row; any other file: one document per file")
     p.add_argument("--output-prefix", "-o", required=True, metavar="PREFIX",
                    help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    p.add_argument("--tokenizer", "-t", default=BYTE, metavar="byte|TOKENIZER_JSON",
-                   help="'byte' (UTF-8 bytes, eod 256) or a Hugging Face tokenizer.json (default: byte)")
-    p.add_argument("--json-key", default="text", help="the jsonl field holding the text (default: text)")
+    p.add_argument("--tokenizer", "-t", default=BYTE, metavar="byte|TOKENIZER_JSON|FOLDER",
+                   help="'byte' (UTF-8 bytes, eod 256), a Hugging Face tokenizer.json, or a Hugging Face "
+                        "tokenizer folder (what AutoTokenizer.from_pretrained reads) (default: byte)")
+    p.add_argument("--json-key", "--text-column", dest="json_key", default="text",
+                   help="the jsonl field / Parquet column holding the text (default: text)")
     p.add_argument("--eod-token", default=None,
-                   help="end-of-document token of a tokenizer.json (default: the first of "
-                        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, ... it defines)")
+                   help="end-of-document token of a Hugging Face tokenizer (default: a folder's eos_token, "
+                        "else the first of <|endoftext|>, <|end_of_text|>, </s>, <eos>, ... it defines)")
     p.add_argument("--workers", "-j", type=int, default=min(8, os.cpu_count() or 1),
                    help="tokenizer processes (default: min(8, CPUs))")
-    p.add_argument("--chunk-lines", type=int, default=512, help="jsonl lines per work item (default: 512)")
+    p.add_argument("--chunk-lines", type=int, default=512,
+                   help="jsonl lines / Parquet rows per work item (default: 512)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx/.json")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

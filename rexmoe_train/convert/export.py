@@ -108,7 +108,7 @@ def export_tokenizer(spec: str, cfg: ExperimentConfig, trained_vocab_size: Optio
         return ExportTokenizer({"tokenizer.json": byte_tokenizer_json(),
                                 "tokenizer_config.json": _tokenizer_config(BYTE_EOD_TOKEN, max_length, True)},
                                tok.eod)
-    text, note = Path(spec).read_text(encoding="utf-8"), ""
+    text, note = tok.json_text(), ""  # a tokenizer.json file or a Hugging Face tokenizer folder
     hf = Tokenizer.from_str(text)
     if hf.encode(_PROBE, add_special_tokens=True).ids != hf.encode(_PROBE, add_special_tokens=False).ids:
         # a template (BOS/EOS around every text) that training never applied: drop it, or the

@@ -1,8 +1,12 @@
-"""`rexmoe-preprocess`: jsonl / text files -> a megatron-core indexed dataset (.bin/.idx) + .json.
+"""`rexmoe-preprocess`: jsonl / Parquet / text files -> a megatron-core indexed dataset (.bin/.idx) + .json.
 
-One document per jsonl line (its ``--json-key`` field, ``text`` by default; ``.gz`` inputs are read
-compressed) or per plain-text file, tokenized with the byte tokenizer or a Hugging Face
-``tokenizer.json``, ``eod`` appended to each. Documents keep the input order whatever ``--workers``
+One document per jsonl line (its ``--json-key`` field, ``text`` by default; ``.gz`` and ``.zst``
+inputs are read compressed, as Dolma and RedPajama ship them), per row of a Parquet file (its
+``--json-key`` column, as FineWeb, DCLM and The Stack ship them; read one row group at a time, in
+batches of ``--chunk-lines`` rows, so memory stays bounded by a row group's text column), or per
+plain-text file, tokenized with the byte tokenizer, a Hugging Face ``tokenizer.json`` or a Hugging
+Face tokenizer folder, ``eod`` appended to each. pyarrow and zstandard are imported only when such a
+file is given. Documents keep the input order whatever ``--workers``
 is: chunks of lines are tokenized by a process pool and written back in order. The files are
 written under temporary names and renamed at the end, so an error (exit 2, one line) or an
 interrupt never leaves a partial dataset behind. ``<prefix>.json`` records the tokenizer (name,
@@ -11,6 +15,8 @@ vocab size, eod id, sha256 of the tokenizer.json) and the sizes; training checks
     rexmoe-preprocess --input docs.jsonl --output-prefix data/docs --tokenizer byte
     rexmoe-preprocess --input a.jsonl b.jsonl.gz --output-prefix data/ab \\
         --tokenizer path/to/tokenizer.json --workers 8
+    rexmoe-preprocess --input fineweb/000_00000.parquet dolma/v1_7-0000.json.gz \\
+        --output-prefix data/mix --tokenizer path/to/Llama-2-7b-hf
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import signal
 import sys
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,9 +47,12 @@ from .text_tokenizer import (
     tokenizer_metadata,
 )
 
-__all__ = ["PreprocessError", "preprocess", "JSONL_SUFFIXES"]
+__all__ = ["PreprocessError", "preprocess", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+PARQUET_SUFFIXES = (".parquet",)
+_READ_BYTES = 1 << 20  # compressed bytes read at a time from a .zst input
 SIDECAR_FORMAT = "rexmoe-indexed-v1"
 EXIT_USAGE = 2
 
@@ -55,8 +65,16 @@ class PreprocessError(Exception):
 # Reading inputs
 # --------------------------------------------------------------------------------------------------
 def is_jsonl(path: str) -> bool:
-    name = path[:-3] if path.endswith(".gz") else path
+    name = next((path[: -len(s)] for s in COMPRESSED_SUFFIXES if path.endswith(s)), path)
     return name.endswith(JSONL_SUFFIXES)
+
+
+def is_parquet(path: str) -> bool:
+    return path.endswith(PARQUET_SUFFIXES)
+
+
+def _is_zstd(path: str) -> bool:
+    return path.endswith((".zst", ".zstd"))
 
 
 def _open_text(path: str):
@@ -65,31 +83,134 @@ def _open_text(path: str):
     return open(path, "rb")
 
 
-def _chunks(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple]:
+class _DamagedInput(Exception):
+    """A compressed input that cannot be read on; the message says what and where (no file name)."""
+
+
+def _need(module: str, path: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise PreprocessError(f"{path}: reading it needs the '{package}' package (pip install {package})") from None
+
+
+def _zstd_lines(path: str) -> Iterator[bytes]:
+    """The lines (without ``\\n``) of a zstd-compressed file, one frame after another.
+
+    WHY not ``ZstdDecompressor().stream_reader``: at the end of a truncated file it just stops, and
+    the documents of the cut frame would be silently lost. Here the end of the file inside a frame
+    is an error that names the byte where the data ends.
+    """
+    zstandard = _need("zstandard", path)
+    dctx = zstandard.ZstdDecompressor()
+    frame, fed, consumed, rest = dctx.decompressobj(), False, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(_READ_BYTES)
+            start, consumed = consumed, consumed + len(data)
+            if not data:
+                if fed and not frame.eof:
+                    raise _DamagedInput(f"truncated zstd frame (the file ends at byte {consumed} inside a frame)")
+                break
+            out = []
+            try:
+                while data:
+                    if frame.eof:  # the next frame of a multi-frame file
+                        frame, fed = dctx.decompressobj(), False
+                    fed = True
+                    out.append(frame.decompress(data))
+                    data = frame.unused_data if frame.eof else b""
+            except zstandard.ZstdError as err:
+                raise _DamagedInput(f"damaged zstd data in compressed bytes {start}-{consumed} "
+                                    f"({' '.join(str(err).split())})") from None
+            lines = (rest + b"".join(out)).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+    if rest:
+        yield rest
+
+
+def _jsonl_lines(path: str) -> Iterator[bytes]:
+    if _is_zstd(path):
+        yield from _zstd_lines(path)
+        return
+    try:
+        with _open_text(path) as f:
+            yield from f
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a truncated or damaged .gz
+        raise _DamagedInput(f"damaged or truncated gzip data ({' '.join(str(err).split())})") from None
+
+
+def _parquet_batches(path: str, column: str, batch_rows: int) -> Iterator[tuple[int, list[str], int]]:
+    """``(first_row, texts, utf8_bytes)`` of a Parquet file's ``column``, row group by row group."""
+    pa = _need("pyarrow", path)
+    pq = _need("pyarrow.parquet", path)
+    pc = _need("pyarrow.compute", path)
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as err:
+        raise PreprocessError(f"{path}: not a readable Parquet file ({' '.join(str(err).split())[:200]})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise PreprocessError(f"{path}: no column {column!r} (columns: {shown or 'none'}); "
+                              "choose one with --text-column")
+    kind = pf.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise PreprocessError(f"{path}: column {column!r} is {kind}, not a string column")
+    row = 0
+    for group in range(pf.num_row_groups):
+        group_start = row
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=[column],
+                                         use_threads=False):
+                texts = batch.column(0)
+                if texts.null_count:
+                    first_null = texts.is_null().to_pylist().index(True)
+                    raise PreprocessError(f"{path}: row group {group}, row {row + first_null}: "
+                                          f"column {column!r} is null")
+                yield row, texts.to_pylist(), int(pc.sum(pc.binary_length(texts)).as_py() or 0)
+                row += len(texts)
+        except (pa.ArrowException, OSError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            rows = pf.metadata.row_group(group).num_rows
+            raise PreprocessError(f"{path}: row group {group} (0-based, of {pf.num_row_groups}; rows "
+                                  f"{group_start}-{group_start + rows - 1}) cannot be read: {reason}") from None
+
+
+def _chunks(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int, column: str = "text") -> Iterator[tuple]:
     """Yields ``(kind, path, first_line_no, items, raw_bytes)`` in input order.
 
-    jsonl: ``items`` are raw lines (bytes) of one file; text: ``items`` are (path, whole file bytes).
+    jsonl: ``items`` are raw lines (bytes) of one file; parquet: ``items`` are the texts (str) of
+    rows ``first_line_no``... (0-based) of one file; text: ``items`` are (path, whole file bytes).
     Unreadable files raise :class:`PreprocessError`.
     """
     try:
-        yield from _chunks_unchecked(inputs, chunk_lines, chunk_bytes)
+        yield from _chunks_unchecked(inputs, chunk_lines, chunk_bytes, column)
     except (OSError, EOFError) as err:  # e.g. a damaged .gz, a file vanishing mid-run
         where = getattr(err, "filename", None) or "an input"
         raise PreprocessError(f"cannot read {where}: {err.strerror or err}") from None
 
 
-def _chunks_unchecked(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple]:
+def _chunks_unchecked(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int, column: str) -> Iterator[tuple]:
     text_batch: list[tuple[str, bytes]] = []
     text_bytes = 0
     for path in inputs:
-        if is_jsonl(path):
-            if text_batch:
-                yield ("text", None, 0, text_batch, text_bytes)
-                text_batch, text_bytes = [], 0
+        if (is_jsonl(path) or is_parquet(path)) and text_batch:
+            yield ("text", None, 0, text_batch, text_bytes)
+            text_batch, text_bytes = [], 0
+        if is_parquet(path):
+            for first_row, texts, size in _parquet_batches(path, column, chunk_lines):
+                yield ("parquet", path, first_row, texts, size)
+        elif is_jsonl(path):
             lines: list[bytes] = []
-            size, first = 0, 1
-            with _open_text(path) as f:
-                for line_no, line in enumerate(f, start=1):
+            size, first, line_no = 0, 1, 0
+            try:
+                for line in _jsonl_lines(path):
+                    line_no += 1
                     if not lines:
                         first = line_no
                     lines.append(line)
@@ -97,6 +218,8 @@ def _chunks_unchecked(inputs: Sequence[str], chunk_lines: int, chunk_bytes: int)
                     if len(lines) >= chunk_lines or size >= chunk_bytes:
                         yield ("jsonl", path, first, lines, size)
                         lines, size = [], 0
+            except _DamagedInput as err:
+                raise PreprocessError(f"{path}:{line_no + 1}: {err}") from None
             if lines:
                 yield ("jsonl", path, first, lines, size)
         else:
@@ -135,7 +258,9 @@ def _decode(raw: bytes, where: str) -> str:
         raise PreprocessError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
-def _texts_of_chunk(kind: str, path: Optional[str], first: int, items: list[bytes], key: str) -> list[str]:
+def _texts_of_chunk(kind: str, path: Optional[str], first: int, items: list, key: str) -> list[str]:
+    if kind == "parquet":  # checked for strings and nulls as they were read
+        return items
     if kind == "text":
         texts = [_decode(raw, where) for where, raw in items]
         for (where, _), text in zip(items, texts):
@@ -262,14 +387,15 @@ def preprocess(
     tmp = output_paths(tmp_prefix)
 
     pool = None
-    # decompressed sizes of .gz inputs are unknown: no total then
-    total_bytes = None if any(p.endswith(".gz") for p in inputs) else sum(map(os.path.getsize, inputs))
+    # decompressed sizes of .gz/.zst inputs and the text bytes of Parquet are unknown: no total then
+    total_bytes = (None if any(p.endswith(COMPRESSED_SUFFIXES) or is_parquet(p) for p in inputs)
+                   else sum(map(os.path.getsize, inputs)))
     num_docs = num_tokens = 0
     data_file = None
     try:
         from tqdm import tqdm
 
-        chunks = _chunks(inputs, chunk_lines, chunk_bytes=4 << 20)
+        chunks = _chunks(inputs, chunk_lines, chunk_bytes=4 << 20, column=json_key)
         single_thread = workers > 1
         if workers > 1:
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()

@@ -52,20 +52,22 @@ def test_bpe_export_gives_the_preprocessed_ids(tmp_path, layout, template):
                                                              special_tokens=["<unk>", "<s>", "</s>"]))
     if template:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    path = tmp_path / "tokenizer.json"
+    path = tmp_path / "tok" / "tokenizer.json"
+    path.parent.mkdir()
     tok.save(str(path))
+    spec = str(path.parent) if template else str(path)  # a tokenizer folder, or the tokenizer.json itself
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    meta = preprocess([str(jsonl)], str(tmp_path / "ds"), str(path), progress=False)
+    meta = preprocess([str(jsonl)], str(tmp_path / "ds"), spec, progress=False)
     ds = IndexedDataset(str(tmp_path / "ds"))
     training_ids = [ds[i].tolist() for i in range(len(ds))]
     eod = meta["eod"]
     assert eod == tok.token_to_id("</s>") and all(ids[-1] == eod for ids in training_ids)
 
     cfg = tiny_config(r=2, layers=2)
-    cfg.data.source, cfg.data.tokenizer = "indexed", str(path)
+    cfg.data.source, cfg.data.tokenizer = "indexed", spec
     layout(cfg.parallel)
-    out, shipped = _export(tmp_path, cfg, str(path), meta["vocab_size"])
+    out, shipped = _export(tmp_path, cfg, spec, meta["vocab_size"])
     assert ("template" in shipped.note) == template
     auto = transformers.AutoTokenizer.from_pretrained(str(out))
     got = [auto(t)["input_ids"] for t in texts]

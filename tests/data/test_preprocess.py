@@ -1,4 +1,5 @@
-"""rexmoe-preprocess: jsonl/text -> megatron indexed datasets, read back with megatron itself."""
+"""rexmoe-preprocess: jsonl / Parquet / zstd / text -> megatron indexed datasets, read back with megatron
+itself; Hugging Face tokenizer files and folders checked against the tokenizer libraries' own encodings."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,7 +51,43 @@ def corpus(tmp_path_factory):
                                                       special_tokens=["[UNK]", "</s>"]))
     tok_path = root / "tokenizer.json"
     tok.save(str(tok_path))
-    return {"root": root, "docs": docs, "jsonl": jsonl, "tokenizer": tok_path}
+    return {"root": root, "docs": docs, "jsonl": jsonl, "tokenizer": tok_path,
+            "parquet": _write_parquet(root / "docs.parquet", docs), "zst": _write_zst(root / "docs.jsonl.zst", jsonl)}
+
+
+def _write_parquet(path: Path, docs: list[str], row_group_size: int = 60) -> Path:
+    """FineWeb's layout: several row groups, the text among other columns; page checksums on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(docs))), "text": docs, "score": [0.5] * len(docs)})
+    pq.write_table(table, path, row_group_size=row_group_size, write_page_checksum=True)
+    assert pq.ParquetFile(path).num_row_groups == -(-len(docs) // row_group_size)
+    return path
+
+
+def _write_zst(path: Path, jsonl: Path) -> Path:
+    """The jsonl as three zstd frames (as multi-threaded and appending writers leave them)."""
+    import zstandard
+
+    raw = jsonl.read_bytes()
+    cuts = [0, len(raw) // 3, 2 * len(raw) // 3, len(raw)]
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress(raw[a:b]) for a, b in zip(cuts, cuts[1:])))
+    return path
+
+
+def _hf_folder(corpus, root: Path, eos_token: str) -> Path:
+    """A save_pretrained folder (tokenizer.json + tokenizer_config.json + special_tokens_map.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus["docs"], trainers.BpeTrainer(vocab_size=140,
+                                                                special_tokens=["[UNK]", "</s>", "[END]"]))
+    folder = root / "hf-folder"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, unk_token="[UNK]").save_pretrained(folder)
+    return folder
 
 
 def _read_back(prefix: Path) -> list[list[int]]:
@@ -91,6 +129,84 @@ def test_hf_tokenizer_json_equals_direct_tokenization(corpus, tmp_path):
     assert sidecar["eod_token"] == "</s>" and sidecar["vocab_size"] == tok.get_vocab_size()
 
 
+def test_parquet_and_zstd_equal_jsonl(corpus, tmp_path):
+    """A Parquet file (4 row groups) and a 3-frame .jsonl.zst give exactly the jsonl's documents; mixed
+    with the jsonl, in input order, over 2 workers and chunks that cut row groups and frames."""
+    from_jsonl = tmp_path / "jsonl"
+    preprocess([str(corpus["jsonl"])], str(from_jsonl), "byte", progress=False)
+    expected = _read_back(from_jsonl)
+    assert len(expected) == len(corpus["docs"])
+    for name in ("parquet", "zst"):
+        prefix = tmp_path / name
+        meta = preprocess([str(corpus[name])], str(prefix), "byte", workers=2, chunk_lines=13, progress=False)
+        assert _read_back(prefix) == expected, name
+        assert meta["documents"] == len(expected) and meta["inputs"] == [str(corpus[name])]
+    mixed = tmp_path / "mixed"
+    rc = main(["-i", str(corpus["zst"]), str(corpus["parquet"]), str(corpus["jsonl"]), "-o", str(mixed),
+               "--text-column", "text", "-j", "2", "--chunk-lines", "50", "--no-progress"])
+    assert rc == 0 and _read_back(mixed) == expected * 3
+
+
+def test_hf_tokenizer_folder_reads_its_eos_token(corpus, tmp_path):
+    """A save_pretrained folder: the ids are AutoTokenizer's own, eod is the folder's eos_token ([END],
+    not the </s> the tokenizer also defines), and the sha256 is its tokenizer.json's."""
+    from transformers import AutoTokenizer
+
+    from rexmoe_train.data.text_tokenizer import load_tokenizer
+
+    folder = _hf_folder(corpus, tmp_path, eos_token="[END]")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= _listing(folder)
+    reference = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    prefix = tmp_path / "folder"
+    meta = preprocess([str(corpus["parquet"])], str(prefix), str(folder), workers=2, chunk_lines=16, progress=False)
+    eod = reference.convert_tokens_to_ids("[END]")
+    assert eod != reference.convert_tokens_to_ids("</s>")
+    expected = [reference.encode(text, add_special_tokens=False) + [eod] for text in corpus["docs"]]
+    assert _read_back(prefix) == expected
+    assert (meta["eod"], meta["eod_token"], meta["vocab_size"]) == (eod, "[END]", len(reference))
+    assert meta["tokenizer_path"] == str(folder) and meta["tokenizer_name"] == "hf-folder"
+    # the folder and its own tokenizer.json are one tokenizer (training accepts either for this data)
+    assert meta["tokenizer_sha256"] == load_tokenizer(str(folder / "tokenizer.json")).sha256
+    assert load_tokenizer(str(folder), "</s>").eod == reference.convert_tokens_to_ids("</s>")  # --eod-token wins
+
+
+def _sentencepiece_folder(corpus, root: Path) -> tuple[Path, Any]:
+    """A Llama-2 style folder: a sentencepiece tokenizer.model and tokenizer_config.json, no tokenizer.json."""
+    spm = pytest.importorskip("sentencepiece")
+    text = root / "spm.txt"
+    text.write_text("\n".join(corpus["docs"]), encoding="utf-8")
+    # Llama-2's settings: byte_fallback (characters outside the vocabulary become byte pieces, not <unk>),
+    # no normalization (newlines and tabs are kept)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(root / "spm"), vocab_size=320, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    folder = root / "llama-style"
+    folder.mkdir()
+    (root / "spm.model").rename(folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return folder, spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+
+
+def test_sentencepiece_folder_through_transformers(corpus, tmp_path, monkeypatch):
+    """tokenizer.model only: converted by AutoTokenizer; the ids are sentencepiece's own. Without
+    transformers: one line saying what to install."""
+    from rexmoe_train.data.text_tokenizer import TokenizerLoadError, load_tokenizer
+
+    folder, sp = _sentencepiece_folder(corpus, tmp_path)
+    docs = corpus["docs"][:40] + ["characters it never saw: ©, ₀ and 🙂"]
+    jsonl = tmp_path / "few.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    meta = preprocess([str(jsonl)], str(tmp_path / "spm"), str(folder), progress=False)
+    assert (meta["eod"], meta["vocab_size"]) == (sp.eos_id(), sp.get_piece_size())
+    assert _read_back(tmp_path / "spm") == [sp.encode(d) + [sp.eos_id()] for d in docs]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    with pytest.raises(TokenizerLoadError, match="pip install transformers sentencepiece") as err:
+        load_tokenizer(str(folder))
+    assert "\n" not in str(err.value) and str(folder) in str(err.value)
+
+
 def test_text_files_one_document_each_and_overwrite(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.md"
     a.write_text("first file\nwith two lines\n", encoding="utf-8")
@@ -109,6 +225,26 @@ def _bad_jsonl(root: Path) -> Path:
     return path
 
 
+def _damaged_row_group(corpus, root: Path) -> Path:
+    """Row group 1 of the Parquet file with its text column's page header overwritten."""
+    import pyarrow.parquet as pq
+
+    path = root / "damaged.parquet"
+    path.write_bytes(corpus["parquet"].read_bytes())
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    assert chunk.path_in_schema == "text"
+    with open(path, "r+b") as f:
+        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+        f.write(b"\xff" * 32)
+    return path
+
+
+def _truncated(path: Path, root: Path, cut: int = 40) -> Path:
+    out = root / path.name
+    out.write_bytes(path.read_bytes()[:-cut])
+    return out
+
+
 @pytest.mark.parametrize("case,phrase", [
     ("missing_input", "input not found"),
     ("bad_field", "no field 'content'"),
@@ -117,6 +253,13 @@ def _bad_jsonl(root: Path) -> Path:
     ("unreadable_tokenizer", "cannot read tokenizer file"),
     ("missing_tokenizer", "tokenizer file not found"),
     ("no_eod_token", "--eod-token"),
+    ("parquet_missing_column", "docs.parquet: no column 'content' (columns: id, text, score); choose one with --text-column"),
+    ("parquet_not_text", "docs.parquet: column 'score' is double, not a string column"),
+    ("parquet_damaged_row_group", "damaged.parquet: row group 1 (0-based, of 3; rows 60-119) cannot be read"),
+    ("zstd_truncated", "docs.jsonl.zst:{line}: truncated zstd frame (the file ends at byte {size} inside a frame)"),
+    ("zstd_damaged", "docs.jsonl.zst:1: damaged zstd data in compressed bytes 0-"),
+    ("gzip_truncated", "docs.jsonl.gz:{line}: damaged or truncated gzip data"),
+    ("folder_without_tokenizer", "has neither tokenizer.json nor a sentencepiece tokenizer.model"),
 ])
 def test_bad_inputs_one_line_exit_2_nothing_left(corpus, tmp_path, capsys, case, phrase):
     out = tmp_path / "out"
@@ -138,6 +281,45 @@ def test_bad_inputs_one_line_exit_2_nothing_left(corpus, tmp_path, capsys, case,
         args += ["-t", str(tmp_path / "absent" / "tokenizer.json")]
     elif case == "no_eod_token":
         args += ["-t", str(corpus["tokenizer"]), "--eod-token", "<|im_end|>"]
+    elif case.startswith("parquet_"):
+        # 1 worker, small chunks: row group 0's documents are written before the damage is met
+        args[1] = str(corpus["parquet"] if case != "parquet_damaged_row_group" else _damaged_row_group(corpus, tmp_path))
+        args += ["--json-key", {"parquet_missing_column": "content", "parquet_not_text": "score"}.get(case, "text"),
+                 "--workers", "1", "--chunk-lines", "20"]
+    elif case == "zstd_truncated":
+        args[1] = str(_truncated(corpus["zst"], tmp_path))
+        whole = corpus["zst"].read_bytes()
+        import zstandard  # the reference: how many whole lines the cut file still holds
+
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        data = b""
+        rest = whole[:-40]
+        while rest:
+            data += obj.decompress(rest)
+            rest = obj.unused_data if obj.eof else b""
+            obj = zstandard.ZstdDecompressor().decompressobj() if rest else obj
+        phrase = phrase.format(line=data.count(b"\n") + 1, size=len(whole) - 40)
+        args += ["--workers", "2", "--chunk-lines", "10"]
+    elif case == "zstd_damaged":
+        bad = tmp_path / "docs.jsonl.zst"
+        bad.write_bytes(corpus["jsonl"].read_bytes()[:300])  # named .zst, but not compressed
+        args[1] = str(bad)
+    elif case == "gzip_truncated":
+        import gzip
+
+        whole = gzip.compress(corpus["jsonl"].read_bytes())
+        cut = tmp_path / "docs.jsonl.gz"
+        cut.write_bytes(whole[: len(whole) // 2])
+        args[1] = str(cut)
+        with gzip.open(cut, "rb") as f:  # the reference: the whole lines before the cut
+            lines = 0
+            with pytest.raises(EOFError):
+                for _ in f:
+                    lines += 1
+        phrase = phrase.format(line=lines + 1)
+    elif case == "folder_without_tokenizer":
+        (tmp_path / "empty-folder").mkdir()
+        args += ["-t", str(tmp_path / "empty-folder")]
     rc = main(args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
