@@ -7,6 +7,9 @@ ours ``rexmoe_dedup``): tokens/s, TFLOP/s and MFU of one fwd+bwd micro-batch (no
 median over timed iterations after warm-up. Then the custom kernels' effective bandwidth (dedup
 permute/unpermute, fused router; Triton vs their torch references) next to a measured device-to-
 device copy. Prints a table and writes JSON. Without CUDA it exits with status 2 and one line.
+Each case and section records its own failure (a row's ``error``, ``errors[<section>]``: exception
+type and first line) and the next one runs; the JSON is rewritten after each, so it exists whatever
+fails. Exit status 1 when anything failed, else 0.
 
 FLOPs (``flops_per_token``) are counted honestly for MFU: attention (QKV/out projections + causal
 score/value matmuls), the ACTIVE experts only (top-k SwiGLU experts, plus shared experts and dense
@@ -126,7 +129,8 @@ def bench_kernels(args) -> list[dict]:
     import torch
 
     from rexmoe_train import platform
-    from rexmoe_train.kernels import dedup_permute, dedup_unpermute, fused_router
+    from rexmoe_train.kernels.dedup_permute import dedup_permute, dedup_unpermute
+    from rexmoe_train.kernels.fused_router import fused_router
 
     dev, dt = platform.device(), torch.bfloat16
     tokens, hidden, ep, cands, topk = args.kernel_tokens, 512, 8, 256, 8  # 2.3B, r=4, EP 8 layout
@@ -183,6 +187,63 @@ def print_tables(rows: list[dict], kernels: list[dict]) -> None:
             print(f"{k['kernel']:<32}{k['impl']:<8}{k['gb_per_s']:>9.0f}{100 * k['fraction_of_copy']:>8.0f}%")
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for the JSON: the exception's type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _free_device() -> None:
+    """After a failed case: drop what it left on the GPU and megatron's global state."""
+    import gc
+
+    import torch
+
+    from rexmoe_train import compat
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    compat.reset_megatron_global_state()
+
+
+def collect(cases: list[dict], measure_case, sections: dict, out: str, head: dict,
+            cleanup=_free_device) -> dict:
+    """Run every case and section; each failure is recorded (``error``) and the next one runs.
+
+    ``measure_case(case) -> row``; ``sections``: name -> zero-argument function whose result is stored
+    under that name (a failure stores ``<name>_error``). The JSON at ``out`` is rewritten after every
+    case and section, so it exists whatever fails later, and also if the process is killed."""
+    result = {**head, "models": [], "errors": dict(head.get("errors", {}))}
+
+    def write() -> None:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    for case in cases:
+        try:
+            row = measure_case(case)
+        except Exception as exc:  # noqa: BLE001 - every failure is a row of the result, not the end
+            row = {**case, "error": error_line(exc)}
+            try:
+                cleanup()
+            except Exception as err:  # noqa: BLE001
+                result["errors"].setdefault("cleanup", error_line(err))
+        result["models"].append(row)
+        print_tables([row], [])
+        write()
+    for name, fn in sections.items():
+        try:
+            result[name] = fn()
+        except Exception as exc:  # noqa: BLE001
+            result[name] = []
+            result["errors"][name] = error_line(exc)
+            print(f"{name}: failed: {result['errors'][name]}")
+        write()
+    return result
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="0.5b,2.3b", help="comma list of: " + ",".join(MODEL_CONFIGS))
@@ -213,35 +274,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rexmoe_train import compat
 
     compat.install()
-    from rexmoe_train.config.schema import ConfigError
     from rexmoe_train.parallel.state import init_distributed, init_model_parallel
 
-    init_distributed()
-    rows = []
-    for name in args.models.split(","):
-        shape = shape_from_config(name, args.layers)
-        for precision in args.precisions.split(","):
-            for reuse in (int(r) for r in args.reuse.split(",")):
-                for dispatcher in args.dispatchers.split(","):
-                    case = {"model": name, "layers": shape.layers, "r": reuse, "precision": precision,
-                            "dispatcher": dispatcher}
-                    try:
-                        init_model_parallel(_config(shape, reuse, precision, dispatcher, args).parallel, 1234)
-                        rows.append(bench_model(shape, reuse, precision, dispatcher, args))
-                    except (ConfigError, ImportError) as exc:  # e.g. fp8 without TE, no dedup dispatcher
-                        rows.append({**case, "error": str(exc).splitlines()[0]})
-                    print_tables(rows[-1:], [])
-    kernels = [] if args.no_kernels else bench_kernels(args)
+    names = args.models.split(",")
+    head = {"device": platform.device_name(), "args": vars(args)}
+    cases = [{"model": name, "layers": args.layers, "r": int(reuse), "precision": precision,
+              "dispatcher": dispatcher}
+             for name in names for precision in args.precisions.split(",")
+             for reuse in args.reuse.split(",") for dispatcher in args.dispatchers.split(",")]
+    shapes: dict = {}
+
+    def measure_case(case: dict) -> dict:
+        # a bad case (fp8 without TE, an fp8 shape validate() refuses, a CUDA error) is this row's error
+        if case["model"] not in shapes:
+            shapes[case["model"]] = shape_from_config(case["model"], args.layers)
+        shape = shapes[case["model"]]
+        init_model_parallel(_config(shape, case["r"], case["precision"], case["dispatcher"], args).parallel, 1234)
+        return bench_model(shape, case["r"], case["precision"], case["dispatcher"], args)
+
+    sections = {
+        "shapes": lambda: {n: asdict(shape_from_config(n, args.layers)) for n in names},
+        "flops_per_token": lambda: {f"{n}-r{r}": flops_per_token(shape_from_config(n, args.layers), int(r), args.seq)
+                                    for n in names for r in args.reuse.split(",")},
+    }
+    if not args.no_kernels:
+        sections = {"kernels": lambda: bench_kernels(args), **sections}
+    try:
+        init_distributed()
+    except Exception as exc:  # noqa: BLE001 - still write what this run is and why nothing ran
+        head["errors"] = {"init": error_line(exc)}
+        cases, sections = [], {}
+    result = collect(cases, measure_case, sections, args.out, head)
     print()
-    print_tables(rows, kernels)
-    result = {"device": platform.device_name(), "args": vars(args), "models": rows, "kernels": kernels,
-              "shapes": {n: asdict(shape_from_config(n, args.layers)) for n in args.models.split(",")},
-              "flops_per_token": {f"{n}-r{r}": flops_per_token(shape_from_config(n, args.layers), int(r), args.seq)
-                                  for n in args.models.split(",") for r in args.reuse.split(",")}}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    print_tables(result["models"], result.get("kernels") or [])
     print(f"wrote {args.out}")
-    return 0
+    failed = bool(result["errors"]) or any("error" in row for row in result["models"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,11 +4,21 @@
     python bench/gpu_check.py --out DIR ...                        # this file, once imports work
 
 Sections, in priority order (the most telling first, so a short budget still says the most):
-the compiled Triton kernels against their torch references (the GPU-marked tests of tests/kernels),
-the other GPU-marked tests, a bf16 training smoke of the paper's 2.3B dims at reduced depth
-(4 layers, seq 4096, a few optimizer steps, end-of-run checkpoint) at r=4 and r=1 with the local
-bank, the grouped-GEMM bank (only if ``model.moe_grouped_gemm`` exists in the config schema) and the
-Transformer Engine bank in bf16 and fp8 (only if TE imports), then bench/gpu_bench.py.
+the compiled Triton kernels against their torch references, forward and backward (the GPU-marked
+tests of tests/kernels), the other GPU-marked tests (fp8 through the padded TE bank among them), the
+grouped-GEMM bank training the 2.3B dims (4 layers, seq 4096) with PSR ramping, capacity dropping,
+bias balancing, full recompute, 2 micro-batches per step and the distributed optimizer, then a
+resume from its step-2 checkpoint that must continue bitwise (both through
+bench/gpu_check_train.py, deterministic), the Transformer Engine bank in fp8 (delayed), bench/gpu_bench.py,
+fp8 tensorwise and blockwise, and the plain local / TE bf16 / r=1 smokes. docs/gpu.md has the table.
+
+A section passes when its command exits 0 AND every claim it makes holds on what it wrote
+(``Section.checks``, asserted by ``CHECKS`` on the figures read back: junit counts, metrics.jsonl,
+model.json, config.yaml, the checkpoints, the bench JSON): e.g. ``grouped`` needs the grouped bank's
+forward count in metrics.jsonl to be > 0, ``resume_bitwise`` every logged loss and grad norm of the
+resumed steps equal to the reference run's to the last bit. A section that ``needs`` another is
+skipped unless that one passed. Checkpoints no later section needs are deleted as soon as possible
+(a 2.3B-dims checkpoint with Adam state is several GB).
 
 Each section is a subprocess with its own time limit, clipped to what is left of the budget; a
 section that fails or times out is recorded and the next one runs. A section whose requirement is
@@ -25,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +59,8 @@ class Section:
     skip: Optional[str] = None  # why it cannot run here (one line); None: it runs
     kind: str = "command"  # pytest | train | bench: how its figures are read back
     artifact: Optional[str] = None  # junit xml / run dir / bench json, relative to the output dir
+    checks: tuple = ()  # names in CHECKS: what the section claims, asserted on its figures
+    needs: Optional[str] = None  # a section that must have passed first (the resume's reference run)
 
 
 @dataclass
@@ -106,22 +119,43 @@ def gpu_test_files(repo: Path = REPO) -> tuple[list[str], list[str]]:
     return kernels, others
 
 
-def train_overrides(run_dir: str, reuse: int, impl: str, *, fp8: bool = False, grouped: bool = False,
-                    layers: int = 4, seq: int = 4096, steps: int = 4) -> list[str]:
+def train_overrides(run_dir: str, reuse: int, impl: str, *, fp8: Optional[str] = None, grouped: bool = False,
+                    features: bool = False, load: Optional[str] = None, layers: int = 4, seq: int = 4096,
+                    steps: int = 4, model: str = "rexmoe_2.3b", bf16: bool = True) -> list[str]:
     """Hydra overrides of the training smoke: the 2.3B model's dims (configs/model/rexmoe_2.3b.yaml)
     and the paper's sequence length, at reduced depth on one GPU (EP 1), PSR off (every router sees
-    all r*N candidates from step 1), a validation pass and the end-of-run checkpoint included."""
-    args = ["model=rexmoe_2.3b", "train=paper", f"model.num_layers={layers}",
+    all r*N candidates from step 1), a validation pass and the end-of-run checkpoint included.
+
+    ``fp8``: the recipe (delayed | tensorwise | blockwise) of a ``train.fp8=hybrid`` run. ``features``:
+    what the plain smoke leaves out, in one run: PSR ramping N -> r*N within the run, capacity
+    dropping, aux-loss-free bias balancing, full activation recompute, 2 micro-batches per step, the
+    distributed optimizer, a checkpoint every 2 steps (all kept: the resume section loads step 2).
+    ``load``: start from that checkpoint (the resume section). ``model``/``bf16``: for the CPU test
+    of the same overrides (tests/bench/test_gpu_check.py)."""
+    args = [f"model={model}", "train=paper", f"model.num_layers={layers}",
             f"rexmoe.reuse_group_size={reuse}", "rexmoe.psr.schedule=none",
             "parallel.expert_model_parallel_size=1", f"train.train_iters={steps}",
             "train.global_batch_size=1", "train.micro_batch_size=1", f"train.seq_length={seq}",
             "train.lr_warmup_iters=1", "train.log_interval=1", f"train.eval_interval={steps}",
-            "train.eval_iters=1", "train.bf16=true", f"model.transformer_impl={impl}",
+            "train.eval_iters=1", f"train.bf16={str(bf16).lower()}", f"model.transformer_impl={impl}",
             "run.wandb.mode=disabled", "run.progress=false", f"run.dir={run_dir}"]
-    if fp8:
-        args.append("train.fp8=hybrid")
+    if fp8 is not None:
+        args += ["train.fp8=hybrid", f"train.fp8_recipe={fp8}"]
     if grouped:
         args.append("model.moe_grouped_gemm=true")
+    if features:
+        args = [a for a in args if not a.startswith(("rexmoe.psr.schedule=", "train.global_batch_size="))]
+        args += ["rexmoe.psr.schedule=linear", "rexmoe.psr.start_step=1", f"rexmoe.psr.end_step={max(2, steps - 1)}",
+                 "model.moe_expert_capacity_factor=1.25",
+                 "rexmoe.balance.moe_router_enable_expert_bias=true",
+                 "model.recompute_granularity=full", "model.recompute_method=uniform",
+                 "model.recompute_num_layers=1",
+                 "train.global_batch_size=2", "parallel.use_distributed_optimizer=true",
+                 # blocking saves: the async writer process costs a start-up (torch import) per run, and
+                 # what is compared is the resumed state, not how it was written (tests/training cover async)
+                 "checkpoint.save_interval=2", "checkpoint.keep_last_n=null", "checkpoint.async_save=false"]
+    if load is not None:
+        args.append(f"checkpoint.load={load}")
     return args
 
 
@@ -147,26 +181,38 @@ def plan(out: Path, python: str, env: dict, *, layers: int = 4, seq: int = 4096,
                               f"--junitxml={out / xml}", *files], timeout, skip, "pytest", xml)
 
     sections.append(pytest_section("triton_kernels", kernel_files, 90))
-    sections.append(pytest_section("gpu_tests", other_files, 90))
+    sections.append(pytest_section("gpu_tests", other_files, 150))
 
-    def train(name: str, reuse: int, impl: str, skip: Optional[str], **kw) -> Section:
+    def train(name: str, reuse: int, impl: str, skip: Optional[str], *, checks=("finite",),
+              deterministic: bool = False, needs: Optional[str] = None, timeout: float = 120, **kw) -> Section:
         run_dir = f"runs/{name}"
-        argv = [python, "-m", "rexmoe_train.cli.train",
-                *train_overrides(str(out / run_dir), reuse, impl, layers=layers, seq=seq, steps=steps,
-                                 **kw)]
-        return Section(name, argv, 120, skip, "train", run_dir)
+        entry = [str(repo / "bench" / "gpu_check_train.py")] if deterministic else ["-m", "rexmoe_train.cli.train"]
+        argv = [python, *entry,
+                *train_overrides(str(out / run_dir), reuse, impl, layers=layers, seq=seq, steps=steps, **kw)]
+        return Section(name, argv, timeout, skip, "train", run_dir, tuple(checks), needs)
 
-    sections.append(train("train_local_r4", 4, "local", None))
-    sections.append(train("train_te_fp8_r4", 4, "transformer_engine", te_skip, fp8=True))
+    # the grouped bank with everything the plain smoke leaves out, then a resume from its step-2
+    # checkpoint that must continue bitwise (both deterministic: bench/gpu_check_train.py)
+    features = "train_grouped_features_r4"
+    sections.append(train(features, 4, "local", grouped_skip, grouped=True, features=True, deterministic=True,
+                          timeout=150, checks=("finite", "grouped", "psr_ramp", "capacity", "expert_bias",
+                                               "features_config", "microbatches_2", "checkpoints_every_2")))
+    sections.append(train(f"resume_{features[len('train_'):]}", 4, "local", grouped_skip, grouped=True,
+                          features=True, deterministic=True, needs=features,
+                          load=str(out / "runs" / features / "checkpoints" / f"iter_{2:07d}"),
+                          checks=("finite", "grouped", "resume_bitwise")))
+    sections.append(train("train_te_fp8_r4", 4, "transformer_engine", te_skip, fp8="delayed"))
+    precisions = "bf16,fp8" if te.get("ok") else "bf16"  # without TE the fp8 rows could only fail
     sections.append(Section(
         "gpu_bench", [python, str(repo / "bench" / "gpu_bench.py"), "--models", "2.3b", "--layers",
-                      str(layers), "--seq", str(seq), "--reuse", "1,4", "--warmup", "2", "--iters", "5",
-                      "--out", str(out / "gpu_bench.json")], 180, None, "bench", "gpu_bench.json"))
-    sections.append(train("train_local_r1", 1, "local", None))
-    sections.append(train("train_grouped_r4", 4, "local", grouped_skip, grouped=True))
+                      str(layers), "--seq", str(seq), "--reuse", "1,4", "--precisions", precisions,
+                      "--warmup", "2", "--iters", "5", "--out", str(out / "gpu_bench.json")],
+        180, None, "bench", "gpu_bench.json", ("bench_rows",)))
+    sections.append(train("train_te_fp8_tensorwise_r4", 4, "transformer_engine", te_skip, fp8="tensorwise"))
+    sections.append(train("train_te_fp8_blockwise_r4", 4, "transformer_engine", te_skip, fp8="blockwise"))
+    sections.append(train("train_local_r4", 4, "local", None))
     sections.append(train("train_te_bf16_r4", 4, "transformer_engine", te_skip))
-    sections.append(train("train_grouped_r1", 1, "local", grouped_skip, grouped=True))
-    sections.append(train("train_te_fp8_r1", 1, "transformer_engine", te_skip, fp8=True))
+    sections.append(train("train_local_r1", 1, "local", None))
     return sections
 
 
@@ -225,18 +271,111 @@ def read_figures(section: Section, out: Path) -> dict:
                 return {}
             last = steps[-1]
             figures = {k: last.get(k) for k in ("step", "loss", "tokens_per_s", "mfu", "memory_gib",
-                                                "step_time_s")}
+                                                "step_time_s", "grouped_gemm_forwards")}
             figures["loss_finite"] = all(math.isfinite(r["loss"]) for r in steps)
+            figures["steps"] = [{k: r.get(k) for k in RESUME_KEYS if k in r} | {"step": r["step"]}
+                                for r in steps]
+            figures["psr_candidates"] = [r.get("psr_candidates") for r in steps]
+            figures["dropped_fraction_logged"] = all("dropped_fraction" in r for r in steps)
+            figures["expert_bias_range_max"] = max(
+                (max(r["expert_bias_range"]) for r in steps if r.get("expert_bias_range")), default=None)
             evals = [r["val_loss"] for r in records if "val_loss" in r]
             if evals:
                 figures["val_loss"] = evals[-1]
+            described = path / "model.json"
+            if described.exists():
+                figures["num_microbatches"] = json.loads(described.read_text()).get("num_microbatches")
+            figures["checkpoints"] = sorted(p.name for p in (path / "checkpoints").glob("iter_*"))
             return figures
         if section.kind == "bench":
             data = json.loads(path.read_text())
-            return {"models": data.get("models", []), "kernels": data.get("kernels", [])}
+            return {"models": data.get("models", []), "kernels": data.get("kernels", []),
+                    "errors": data.get("errors", {})}
     except (OSError, ValueError, AttributeError, KeyError, TypeError, ET.ParseError) as err:
         return {"unreadable": f"{type(err).__name__}: {err}"}
     return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# What each section claims, asserted on its figures: None when it holds, else why not (one line)
+# --------------------------------------------------------------------------------------------------
+RESUME_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss")
+
+
+def compare_resumed(reference: list[dict], resumed: list[dict], from_step: int) -> Optional[str]:
+    """A run resumed from step ``from_step`` must log exactly the reference's later steps, each value of
+    RESUME_KEYS equal to the last bit (json round-trips floats exactly)."""
+    ref = {r["step"]: r for r in reference if r["step"] > from_step}
+    got = {r["step"]: r for r in resumed}
+    if sorted(got) != sorted(ref) or not ref:
+        return f"resumed run logged steps {sorted(got)}, the reference {sorted(ref)} after step {from_step}"
+    for step in sorted(ref):
+        for key in RESUME_KEYS:
+            if key in ref[step] and ref[step][key] != got[step].get(key):
+                return (f"step {step} {key}: resumed {got[step].get(key)!r} != reference {ref[step][key]!r} "
+                        "(not bitwise)")
+    return None
+
+
+def _config_text(section: Section, out: Path) -> str:
+    path = out / section.artifact / "config.yaml"
+    return path.read_text() if path.exists() else ""
+
+
+def _check_resume(f: dict, section: Section, out: Path, figures_of: dict) -> Optional[str]:
+    reference = figures_of.get(section.needs, {}).get("steps")
+    if not reference:
+        return f"no steps logged by {section.needs}"
+    load = next((a.split("=", 1)[1] for a in section.argv if a.startswith("checkpoint.load=")), "")
+    from_step = int(Path(load).name[len("iter_"):]) if Path(load).name.startswith("iter_") else 0
+    return compare_resumed(reference, f.get("steps", []), from_step)
+
+
+def _check_bench(f: dict) -> Optional[str]:
+    """Every bench row measured (none carries an error) and no section of the bench failed."""
+    problems = [f"{m.get('precision')}/r{m.get('r')}/{m.get('dispatcher')}: {m['error']}"
+                for m in f.get("models", []) if "error" in m]
+    problems += [f"{k}: {v}" for k, v in (f.get("errors") or {}).items()]
+    if not f.get("models"):
+        problems.insert(0, "no model rows")
+    return "; ".join(problems) or None
+
+
+CHECKS: dict[str, Callable[[dict, Section, Path, dict], Optional[str]]] = {
+    "finite": lambda f, *_: None if f.get("loss_finite") else "no finite loss logged",
+    "grouped": lambda f, *_: None if (f.get("grouped_gemm_forwards") or 0) > 0 else
+    "the grouped-GEMM bank never ran (metrics.jsonl: no grouped_gemm_forwards)",
+    "psr_ramp": lambda f, *_: None if (c := [x for x in f.get("psr_candidates", []) if x is not None])
+    and c[-1] > c[0] else f"PSR did not open candidates during the run (psr_candidates {f.get('psr_candidates')})",
+    "capacity": lambda f, *_: None if f.get("dropped_fraction_logged") else
+    "no dropped_fraction logged (capacity dropping did not run)",
+    "expert_bias": lambda f, *_: None if (f.get("expert_bias_range_max") or 0) > 0 else
+    f"expert bias never moved (expert_bias_range max {f.get('expert_bias_range_max')})",
+    "features_config": lambda f, s, out, _: None if all(
+        needle in _config_text(s, out) for needle in ("recompute_granularity: full", "use_distributed_optimizer: true",
+                                                      "moe_router_enable_expert_bias: true")) else
+    "config.yaml lacks full recompute / the distributed optimizer / bias balancing",
+    "microbatches_2": lambda f, *_: None if f.get("num_microbatches") == 2 else
+    f"model.json says {f.get('num_microbatches')} micro-batches per step, not 2",
+    "checkpoints_every_2": lambda f, *_: None if {f"iter_{2:07d}", f"iter_{f.get('step') or 0:07d}"} <= set(
+        f.get("checkpoints", [])) else f"checkpoints {f.get('checkpoints')}: step 2 and the last step's expected",
+    "resume_bitwise": _check_resume,
+    "bench_rows": lambda f, *_: _check_bench(f),
+}
+
+
+def check_section(section: Section, figures: dict, out: Path, figures_of: dict) -> list[str]:
+    """The reasons ``section``'s claims fail (empty: all hold)."""
+    return [why for name in section.checks if (why := CHECKS[name](figures, section, out, figures_of))]
+
+
+def prune_checkpoints(sections: list[Section], done: int, out: Path) -> None:
+    """Delete the checkpoints of finished training sections that no later section needs: a 2.3B-dims
+    checkpoint with Adam state is ~4-5 GB, and the machine's disk is not sized for one per section."""
+    needed = {s.needs for s in sections[done + 1:]}
+    for s in sections[: done + 1]:
+        if s.kind == "train" and s.artifact and s.name not in needed:
+            shutil.rmtree(out / s.artifact / "checkpoints", ignore_errors=True)
 
 
 def run_sections(sections: list[Section], out: Path, budget_s: float, env: dict,
@@ -245,10 +384,15 @@ def run_sections(sections: list[Section], out: Path, budget_s: float, env: dict,
     """Run the sections in order within ``budget_s`` seconds in all; never stops at a failure."""
     deadline = clock() + budget_s
     results: list[Result] = []
-    for section in sections:
+    by_name: dict[str, Result] = {}
+    for index, section in enumerate(sections):
         left = deadline - clock()
+        needed = by_name.get(section.needs) if section.needs else None
         if section.skip is not None:
             result = Result(section.name, "skipped", reason=section.skip)
+        elif section.needs and (needed is None or needed.status != "ok"):
+            result = Result(section.name, "skipped", reason=f"needs {section.needs}, which "
+                                                            f"{needed.status if needed else 'did not run'}")
         elif left < MIN_START_S:
             result = Result(section.name, "skipped", reason=f"out of time ({max(left, 0):.0f} s of the "
                                                             f"{budget_s:.0f} s budget left)")
@@ -258,10 +402,18 @@ def run_sections(sections: list[Section], out: Path, budget_s: float, env: dict,
             if result.status == "ok" and section.kind == "pytest" and (
                     result.figures.get("failures") or result.figures.get("errors")):
                 result.status, result.reason = "failed", "junit reports failures"
-            if result.status == "ok" and section.kind == "train" and not result.figures.get("loss_finite"):
-                result.status, result.reason = "failed", "no finite loss logged"
+            figures_of = {r.name: r.figures for r in results}
+            failed_checks = check_section(section, result.figures, out, figures_of)
+            if failed_checks:
+                result.reason = "; ".join(([result.reason] if result.reason else []) + failed_checks)[:1000]
+                if result.status == "ok":
+                    result.status = "failed"
+            elif section.checks and result.status == "ok":
+                result.figures["checked"] = list(section.checks)
         print(format_row(result), flush=True)
         results.append(result)
+        by_name[section.name] = result
+        prune_checkpoints(sections, index, out)
         if on_result is not None:
             on_result(results)
     return results

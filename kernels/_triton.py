@@ -9,6 +9,7 @@ run the kernels through the interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -40,10 +41,20 @@ class _LazyKernel:
         self._by_mode: dict[bool, Any] = {}
 
     def __getitem__(self, grid: Any) -> Any:
-        mode = bool(triton.knobs.runtime.interpret)
+        mode = interpreting()
         if mode not in self._by_mode:
             self._by_mode[mode] = triton.jit(self.fn)
         return self._by_mode[mode][grid]
+
+
+def interpreting() -> bool:
+    """Whether ``triton.jit`` decorates for the interpreter now. Triton >= 3.4 answers through
+    ``triton.knobs``; 3.2 / 3.3 (shipped with torch builds pyproject's torch range admits) have no
+    knobs and read ``TRITON_INTERPRET`` from the environment when a function is decorated."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def jit(fn: Any) -> Any:

@@ -16,6 +16,21 @@ import torch
 
 HAS_CUDA: bool = torch.cuda.is_available()
 _CPU = torch.device("cpu")
+# Test seam (tests/devicecheck): the strict-device harness runs the CPU build as if it were on a GPU,
+# whose tensors carry this label as their device. None: the machine decides.
+_device_override: torch.device | None = None
+
+
+def set_device_override(label: torch.device | None) -> None:
+    """For the strict-device test harness only: make :func:`device` answer ``label`` and the RNG
+    state include the "device" generator (``torch.cuda.get_rng_state``, which the harness maps).
+    Everything else (backend, dtype, kernels, TE) keeps answering for the real machine."""
+    global _device_override
+    _device_override = None if label is None else torch.device(label)
+
+
+def _on_device() -> bool:
+    return HAS_CUDA or _device_override is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -23,6 +38,8 @@ _CPU = torch.device("cpu")
 # --------------------------------------------------------------------------------------------------
 def device() -> torch.device:
     """The device this process computes on (its local GPU, or the CPU)."""
+    if _device_override is not None:
+        return _device_override
     if HAS_CUDA:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return _CPU
@@ -61,14 +78,14 @@ def max_memory_allocated_bytes() -> int:
 def get_rng_state() -> dict[str, Any]:
     """The process's RNG states for a checkpoint: the CPU generator, and the GPU's when there is one."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if HAS_CUDA:
+    if _on_device():
         state["cuda"] = torch.cuda.get_rng_state(device())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
-    if HAS_CUDA and state.get("cuda") is not None:
+    if _on_device() and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device())
 
 

@@ -102,6 +102,7 @@ class OptimizerState:
 
     def load(self, loaded: dict) -> None:
         configured = [{k: g[k] for k in self.CONFIG_KEYS if k in g} for g in self.optimizer.param_groups]
+        _match_step_convention(loaded["optimizer"], self.optimizer)
         with torch.no_grad():
             self.optimizer.load_state_dict(loaded["optimizer"])
         for group, values in zip(self.optimizer.param_groups, configured):
@@ -133,14 +134,24 @@ class SchedulerState:
 
 
 class RNGState:
+    """Generator states are device-specific: megatron's tracker holds CUDA generator states on a GPU
+    (16 bytes) and, through the CPU layer, CPU generator states on a CPU (5056 bytes); each side's
+    set_state refuses the other's at the tracker's next fork. So a checkpoint written on the other
+    kind of device restores the CPU generator only (the tracker keeps this run's seeded streams)."""
+
     def entries(self, is_loading: bool, model_sd: dict) -> dict:
         rank, world = dist.get_rank(), dist.get_world_size()
-        state = {"platform": platform.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+        state = {"platform": platform.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+                 "device": platform.device().type}
         return {"rng_state": ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)}
 
     def load(self, loaded: dict) -> None:
-        platform.set_rng_state(loaded["rng_state"]["platform"])
-        get_cuda_rng_tracker().set_states(loaded["rng_state"]["tracker"])
+        state = loaded["rng_state"]
+        if state.get("device", "cpu") != platform.device().type:  # checkpoints before this key: CPU-made
+            torch.set_rng_state(state["platform"]["cpu"])
+            return
+        platform.set_rng_state(state["platform"])
+        get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 class DataPosition:
@@ -154,32 +165,82 @@ class DataPosition:
         return step * self.global_batch_size
 
 
+def _keeps_step_per_param(inner) -> bool:
+    """Where the inner Adam keeps its step count. torch's Adam/AdamW: a 0-d ``state[p]["step"]``
+    per parameter (megatron's torch path reads it there: DistributedOptimizer.state_dict asserts one
+    value). Transformer Engine's FusedAdam (what megatron uses whenever TE is installed) and Apex's:
+    an int ``param_groups[i]["step"]``; TE's ``state_dict()`` / ``load_state_dict()`` pass every state
+    key through its dtype table (exp_avg, exp_avg_sq, master_param), so a "step" state raises KeyError
+    (transformer_engine/pytorch/optimizers/fused_adam.py 2.11, get_unscaled_state / set_scaled_state)."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _match_step_convention(loaded_optimizer, optimizer) -> None:
+    """A non-distributed optimizer's checkpoint loaded by the other Adam (saved where TE is missing,
+    resumed where it is installed, or the reverse): megatron saves torch's per-parameter step as
+    ``state["common_step"]`` and puts it back into every parameter's state on load (FusedAdam then
+    raises KeyError on it), while FusedAdam's step travels in the param groups (torch's Adam then
+    finds no per-parameter step). Move the step to where the live inner optimizer keeps it, in place.
+    (The distributed optimizer writes the step into the param groups for both: see
+    _restore_distributed_optimizer_steps.)"""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(subs) == 1:
+        entries = [loaded_optimizer]
+    elif isinstance(loaded_optimizer, dict):  # megatron's ChainedOptimizer.load_state_dict order
+        entries = [v for _, v in sorted(loaded_optimizer.items())]
+    else:
+        entries = list(loaded_optimizer)
+    for sub, entry in zip(subs, entries):
+        if isinstance(sub, DistributedOptimizer) or getattr(sub, "optimizer", None) is None:
+            continue
+        inner = entry if "state" in entry else entry.get("optimizer")  # FP32Optimizer | Float16Optimizer
+        if inner is None:
+            continue
+        state, groups = inner["state"], inner["param_groups"]
+        if _keeps_step_per_param(sub.optimizer):
+            steps = {g["step"] for g in groups if "step" in g}
+            if "common_step" not in state and len(steps) == 1:
+                state["common_step"] = torch.tensor(float(steps.pop()), dtype=torch.float32)
+        elif "common_step" in state:
+            step = int(state.pop("common_step"))
+            for group in groups:
+                group["step"] = step
+
+
 def _init_distributed_optimizer_state(optimizer) -> None:
-    """Before a load, the DistributedOptimizer builds its state dict from the inner torch Adam's
-    state, which is empty until the first step (and megatron's init_state_fn sets no 'step')."""
+    """Before a load, the DistributedOptimizer builds its state dict from the inner Adam's state,
+    which is empty until the first step (and megatron's init_state_fn sets no 'step', which torch's
+    Adam needs per parameter)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(sub, DistributedOptimizer) or sub.optimizer is None:
             continue
         inner = sub.optimizer
+        step_per_param = _keeps_step_per_param(inner)
         for group in inner.param_groups:
             for p in group["params"]:
                 if len(inner.state[p]) == 0:
                     inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
                     inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
-                    inner.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    if step_per_param:
+                        inner.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
 def _restore_distributed_optimizer_steps(optimizer) -> None:
     """After a dp_reshardable load, megatron copies each param's Adam 'step' from the (local,
-    non-persistent) pre-load value; the saved step is in the param groups. Put it back."""
+    non-persistent) pre-load value; the saved step is in the param groups. Put it back (torch's
+    Adam only: TE's FusedAdam reads the param groups' step, which the load already restored)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(sub, DistributedOptimizer) or sub.optimizer is None:
             continue
         inner = sub.optimizer
+        if not _keeps_step_per_param(inner):
+            continue
         for group in inner.param_groups:
             if "step" not in group:
                 continue

@@ -1,5 +1,7 @@
-"""The megatron-core CPU compatibility layer, in one module. A no-op (beyond the version check and
-``torch.cuda.set_device``) when CUDA is present.
+"""The megatron-core CPU compatibility layer, in one module. With CUDA present it installs only the
+version check, ``torch.cuda.set_device`` and the two megatron fixes every device needs
+(:func:`_patch_megatron_any_device`: the TE-less ``te_general_gemm`` NameError and the torch norm
+under sequence parallelism).
 
 megatron-core 0.16 assumes CUDA throughout: ~175 ``torch.cuda.current_device()`` calls, CUDA
 streams/events in the alltoall dispatcher, a CUDA RNG tracker, ``device="cuda"`` literals in the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import os
 from typing import Any
 
 import torch
@@ -102,13 +105,21 @@ def _replace(owner: Any, name: str, value: Any) -> None:
 
 
 def install() -> None:
-    """Install the layer (idempotent). With CUDA: check the version and select the local GPU."""
+    """Install the layer (idempotent). With CUDA: check the version, select the local GPU and fix
+    megatron's device-independent defects; nothing of torch.cuda is replaced."""
     global _INSTALLED
     if _INSTALLED:
         return
     check_megatron_version()
     if HAS_CUDA:
-        torch.cuda.set_device(device())
+        local, visible = device(), torch.cuda.device_count()
+        if local.index >= visible:  # else set_device fails later with a bare "invalid device ordinal"
+            raise CompatError(
+                f"LOCAL_RANK={local.index} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} processes per node")
+        torch.cuda.set_device(local)
+        # megatron's own defects hit GPUs too (TE-less MoE NameError, torch norm vs SP): not CPU-only
+        _patch_megatron_any_device()
         _INSTALLED = True
         return
     # Without TE/Apex megatron warns at import that it falls back to torch implementations: expected
@@ -116,6 +127,11 @@ def install() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
+    # A CUDA build of torch on a machine without a GPU but with a CUDA toolkit (CUDA_HOME / nvcc):
+    # megatron imports torch.utils.cpp_extension, which logs "No CUDA runtime is found, using
+    # CUDA_HOME=..." once per process, a stray second line after a one-line error. Expected here.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
     # megatron.core.jit.jit_fuser is torch.compile: on CPU the first call of each fused helper spends
     # ~15 s compiling C++ with inductor. Eager gives the same numbers.
     import torch._dynamo as dynamo
@@ -348,10 +364,10 @@ def _patch_gloo_uneven_collectives() -> None:
 
 
 def _patch_megatron() -> None:
-    """Fixes inside megatron-core itself. Imports megatron, so it runs after the torch patches."""
+    """Fixes inside megatron-core itself for CPU runs. Imports megatron, so it runs after the torch
+    patches; ends with the fixes every device needs (:func:`_patch_megatron_any_device`)."""
     from megatron.core.pipeline_parallel import p2p_communication
     from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import torch_norm
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # The private CUDA RNG get/set use torch.cuda._lazy_call, which silently does nothing on CPU.
@@ -372,6 +388,32 @@ def _patch_megatron() -> None:
 
     logging.getLogger(mrandom.__name__).addFilter(_DropExpectedRngWarning())
 
+    # The alltoall dispatcher converts split sizes to numpy only for CUDA tensors; torch 2.13's
+    # all_to_all_single binding rejects CPU tensors as split sizes.
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor):
+            tensor = tensor.cpu()
+            if as_numpy:
+                tensor = tensor.numpy()
+        return tensor
+
+    _replace(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+
+    # Belt and braces for the gloo p2p ordering bug (see transformer_config_overrides): route the
+    # batched p2p path through megatron's ordered one even if a config forgets batch_p2p_comm=False.
+    def batched_as_ordered(**kwargs: Any) -> list:
+        return list(p2p_communication._p2p_ops(**kwargs).values())
+
+    _replace(p2p_communication, "_batched_p2p_ops", batched_as_ordered)
+    _patch_megatron_any_device()
+
+
+def _patch_megatron_any_device() -> None:
+    """megatron-core 0.16.1 defects that are not about the CPU: installed with and without CUDA."""
+    from megatron.core.transformer import torch_norm
+    from megatron.core.transformer.moe import moe_utils
+
     # Without Transformer Engine, moe_utils never defines te_general_gemm (and friends) but the router
     # gating reads it unconditionally (NameError in every MoE forward). None selects the torch path.
     if not getattr(moe_utils, "HAVE_TE", False):
@@ -384,18 +426,6 @@ def _patch_megatron() -> None:
             if not hasattr(moe_utils, name):
                 setattr(moe_utils, name, None)
                 _DEFINED.append(f"{moe_utils.__name__}.{name}")
-
-    # The alltoall dispatcher converts split sizes to numpy only for CUDA tensors; torch 2.13's
-    # all_to_all_single binding rejects CPU tensors as split sizes.
-    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
-        if torch.is_tensor(tensor):
-            tensor = tensor.cpu()
-            if as_numpy:
-                tensor = tensor.numpy()
-        return tensor
-
-    _replace(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
-    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
 
     # Megatron requires sequence parallelism for MoE + TP, but the torch norm used without Apex/TE
     # refuses it. A torch norm is correct under SP once its params carry `sequence_parallel=True`, so
@@ -413,13 +443,6 @@ def _patch_megatron() -> None:
         return norm
 
     _replace(torch_norm.WrappedTorchNorm, "__new__", norm_new)
-
-    # Belt and braces for the gloo p2p ordering bug (see transformer_config_overrides): route the
-    # batched p2p path through megatron's ordered one even if a config forgets batch_p2p_comm=False.
-    def batched_as_ordered(**kwargs: Any) -> list:
-        return list(p2p_communication._p2p_ops(**kwargs).values())
-
-    _replace(p2p_communication, "_batched_p2p_ops", batched_as_ordered)
 
 
 def reset_megatron_global_state() -> None:

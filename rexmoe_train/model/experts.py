@@ -155,6 +155,8 @@ class ExpertBank(_GroupSlots, SequentialMLP):
                 (len(sharded_offsets) + 1, expert_idx, self.placement.experts_per_layer),
             )
             expert_sd = expert.sharded_state_dict(local_prefix, offsets, metadata)
+            if getattr(self, "ffn_padding", None) is not None:  # saved unpadded (expert_padding.py)
+                expert_sd = self.ffn_padding.strip(expert_sd, offsets)
             replace_prefix_for_sharding(expert_sd, local_prefix, checkpoint_prefix)
             for tensor in expert_sd.values():
                 # replicated along expert-data-parallel ranks only
@@ -212,20 +214,30 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch's grouped GEMM runs forward AND backward on this device type and dtype.
 
     Probed once per (device type, dtype) with a tiny problem: which device/dtype pairs a torch build
-    supports is not queryable (CUDA wants bf16 on sm80+ in 2.13; CPU takes fp32 and bf16)."""
+    supports is not queryable (CUDA wants bf16 on sm80+ in 2.13; CPU takes fp32 and bf16). The probe
+    runs with autograd on whatever the caller's mode: the first call of a run is usually a no-grad
+    forward (the step-0 evaluation, full recompute's first pass), where the probe's backward would
+    fail and cache False for the whole run."""
     key = (torch.device(device).type, dtype)
     if key not in _GROUPED_MM_WORKS:
         ok = _GROUPED_MM is not None
         if ok:
             try:
-                a = torch.ones(3, 16, device=device, dtype=dtype, requires_grad=True)
-                b = [torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)] * 2
-                offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
-                _grouped_linear(a, b, offs).sum().backward()
+                with torch.inference_mode(False), torch.enable_grad():
+                    ok = _probe_grouped_mm(device, dtype)
             except (RuntimeError, NotImplementedError):
                 ok = False
         _GROUPED_MM_WORKS[key] = ok
     return _GROUPED_MM_WORKS[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Forward and backward of a 2-slot grouped GEMM; raises where the build lacks a kernel."""
+    a = torch.ones(3, 16, device=device, dtype=dtype, requires_grad=True)
+    b = [torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)] * 2
+    offs = torch.tensor([1, 3], device=device, dtype=torch.int32)
+    _grouped_linear(a, b, offs).sum().backward()
+    return a.grad is not None
 
 
 def _aligned(*sizes_in_elements: int, dtype: torch.dtype) -> bool:
@@ -262,6 +274,7 @@ class GroupedExpertBank(ExpertBank):
         # (key, fc1 stack, fc2 stack) while the model chunk's forward pass runs (see _stacked)
         self._stacks = None
         self._in_forward_pass = False
+        self.grouped_forwards = 0  # forwards that took the grouped-GEMM path (not the loop fallback)
 
     def begin_forward_pass(self) -> None:
         """The model chunk's forward starts (a hook set by build_model): until it ends, the weights
@@ -314,6 +327,7 @@ class GroupedExpertBank(ExpertBank):
         fc1 = [e.linear_fc1.weight for e in self.local_experts]
         fc2 = [e.linear_fc2.weight for e in self.local_experts]
         fc1_stacked, fc2_stacked = self._stacked(fc1, fc2)
+        self.grouped_forwards += 1  # metrics.jsonl's grouped_gemm_forwards; the GPU kit asserts it is > 0
         fc1_out = _grouped_linear(x, fc1, offs, fc1_stacked)
         if self.activation_recompute:
             # fp8=None means "no fp8" to megatron 0.16 (its default, False, means fp8 and needs TE)
@@ -385,6 +399,8 @@ if TEGroupedMLP is not None:
                 if self.config.gated_linear_unit:
                     sub["linear_fc1.weight"] = apply_swiglu_sharded_factory(sub["linear_fc1.weight"],
                                                                             offsets)
+                if getattr(self, "ffn_padding", None) is not None:  # saved unpadded (expert_padding.py)
+                    sub = self.ffn_padding.strip(sub, offsets)
                 replace_prefix_for_sharding(sub, "", checkpoint_prefix)
                 for name, tensor in sub.items():
                     tensor.replica_id = (*tensor.replica_id[:2], dp_rank)

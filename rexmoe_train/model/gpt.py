@@ -249,6 +249,11 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, psr_state: Optional[PSRS
             banks.add(index, runtime.bank)
         model.expert_banks = banks  # registered once, outside the layer stack
         banks.attach_forward_hooks(model)
+        # megatron builds most weights on the current GPU, but not all: the router weight (router.py,
+        # "TODO: Add support for GPU initialization"), torch norms (WrappedTorchNorm) and our routers'
+        # step counters start on the CPU. One move per chunk, before Float16Module/DDP (as
+        # Megatron-LM's get_model does); in place, so parameter attributes megatron set survive.
+        model.to(platform.device())
         chunks.append(model)
         all_runtimes.append(runtimes)
     return ReXMoEModel(chunks, all_runtimes, tc, psr_state, padded)

@@ -25,6 +25,7 @@ from rexmoe_train.config.schema import ExperimentConfig, ReXMoEConfig
 from rexmoe_train.core.placement import ExpertPlacement
 from rexmoe_train.core.psr import PSRState
 from rexmoe_train.core.reuse import ReuseGroup, ReusePlan
+from rexmoe_train.model import expert_padding
 from rexmoe_train.model.balance import GroupBalance, ScopedCounts
 from rexmoe_train.model.experts import bank_class
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER, DedupAllToAllDispatcher
@@ -77,9 +78,12 @@ def build_group_runtimes(cfg: ExperimentConfig, tc, plan: ReusePlan, psr_state: 
     for group in groups:
         placement = ExpertPlacement(group.experts_per_layer, group.size, ep)
         layer_config = group_layer_config(tc, group, dispatcher_type, cfg.rexmoe)
+        padding = expert_padding.for_config(cfg, gated=layer_config.gated_linear_unit)
         bank = bank_class(experts_spec.module, cfg.model.resolved_moe_grouped_gemm())(
-            placement.local_slots, layer_config, experts_spec.submodules, pg_collection,
+            placement.local_slots, expert_padding.bank_config(layer_config, padding),
+            experts_spec.submodules, pg_collection,
             group=group, placement=placement, num_moe_layers=plan.num_moe_layers)
+        expert_padding.attach(bank, padding)  # zero pads; checkpoints hold the unpadded width
         counts = ScopedCounts(balance_cfg.group_aux_scope, pg_collection.tp_cp, tp_dp_cp)
         balance = GroupBalance(group.size, group.num_candidates, balance_cfg.group_aux_coeff, counts)
         runtimes[group.index] = ReuseGroupRuntime(

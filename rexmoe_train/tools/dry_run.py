@@ -204,6 +204,11 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
         f"{cfg.rexmoe.psr.start_step}->{cfg.rexmoe.psr.end_step}",
         "pipeline:",
     ]
+    stored = m.expert_ffn_stored_size(cfg.train.fp8)
+    if stored != m.moe_ffn_hidden_size:  # model/expert_padding.py; the counts below are unpadded
+        lines.insert(2, f"expert FFN stored {stored} wide (model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} "
+                        f"zero-padded for train.fp8 / model.moe_ffn_pad_multiple; checkpoints hold "
+                        f"{m.moe_ffn_hidden_size})")
     for chunk, (stage, first, count) in enumerate(chunks):
         last = first + count - 1
         moe = [layer - m.first_k_dense_layers for layer in range(first, last + 1)

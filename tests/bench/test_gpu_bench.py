@@ -61,3 +61,38 @@ def test_help_and_no_gpu_exit(gpu_bench, capsys):
         pytest.skip("CUDA present: main() would run the benchmark")
     assert gpu_bench.main(["--models", "0.5b"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_failing_case_or_section_is_recorded_and_the_json_is_always_written(gpu_bench, tmp_path, capsys):
+    """main()'s own loop (collect) with stand-in measurements: the fp8 row raises as TE's cuBLASLt
+    check did, the kernel section raises; the other rows and sections still run and the JSON holds all."""
+    import json
+
+    out = tmp_path / "bench.json"
+    cases = [{"model": "2.3b", "layers": 4, "r": r, "precision": p, "dispatcher": "alltoall"}
+             for p in ("bf16", "fp8") for r in (1, 4)]
+    cleaned, seen_on_disk = [], []
+
+    def measure(case):
+        if out.exists():  # rewritten after every row: a killed run keeps what it measured
+            seen_on_disk.append(len(json.loads(out.read_text())["models"]))
+        if case["precision"] == "fp8":
+            raise RuntimeError("Leading dimension requirement on A for FP8 GEMM. Caller must pad.\nmore")
+        return {**case, "transformer_impl": "local", "tokens_per_s": 1000.0 * case["r"], "tflops": 1.0,
+                "mfu": 0.1, "peak_memory_gib": 1.0}
+
+    def kernels():
+        raise ValueError("no triton")
+
+    result = gpu_bench.collect(cases, measure, {"kernels": kernels, "shapes": lambda: {"2.3b": 1}},
+                               str(out), {"device": "test"}, cleanup=lambda: cleaned.append(1))
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(result, default=str))
+    rows = on_disk["models"]
+    assert [("error" in r) for r in rows] == [False, False, True, True]
+    assert rows[2]["error"] == "RuntimeError: Leading dimension requirement on A for FP8 GEMM. Caller must pad."
+    assert rows[1]["tokens_per_s"] == 4000.0 and len(cleaned) == 2
+    assert on_disk["errors"] == {"kernels": "ValueError: no triton"} and on_disk["kernels"] == []
+    assert on_disk["shapes"] == {"2.3b": 1} and on_disk["device"] == "test"
+    assert seen_on_disk == [1, 2, 3]
+    assert "skipped: RuntimeError" in capsys.readouterr().out

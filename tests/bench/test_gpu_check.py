@@ -54,33 +54,127 @@ def test_gpu_test_files_are_the_marked_ones(gc):
     assert all(not rel.startswith("tests/kernels") for rel in others)
 
 
+TE_SECTIONS = {"train_te_fp8_r4", "train_te_fp8_tensorwise_r4", "train_te_fp8_blockwise_r4", "train_te_bf16_r4"}
+GROUPED_SECTIONS = {"train_grouped_features_r4", "resume_grouped_features_r4"}
+ORDER = ["triton_kernels", "gpu_tests", "train_grouped_features_r4", "resume_grouped_features_r4", "train_te_fp8_r4",
+         "gpu_bench", "train_te_fp8_tensorwise_r4", "train_te_fp8_blockwise_r4", "train_local_r4", "train_te_bf16_r4",
+         "train_local_r1"]
+
+
 def test_plan_without_te_or_grouped_option_skips_only_those(gc, tmp_path):
     sections = {s.name: s for s in gc.plan(tmp_path, sys.executable, _env(te=False, grouped=False))}
-    te = [n for n in sections if n.startswith("train_te_")]
-    grouped = [n for n in sections if n.startswith("train_grouped_")]
-    assert set(te) == {"train_te_fp8_r4", "train_te_bf16_r4", "train_te_fp8_r1"}
-    assert set(grouped) == {"train_grouped_r4", "train_grouped_r1"}
-    for name in te:
+    assert list(sections) == ORDER
+    assert {n for n in sections if n.startswith("train_te_")} == TE_SECTIONS
+    for name in TE_SECTIONS:
         assert sections[name].skip.startswith("Transformer Engine does not import (ModuleNotFoundError")
-    for name in grouped:
+    for name in GROUPED_SECTIONS:
         assert sections[name].skip == "model.moe_grouped_gemm is not in the config schema"
     runnable = {n for n, s in sections.items() if s.skip is None}
     assert runnable == {"triton_kernels", "gpu_tests", "train_local_r4", "train_local_r1", "gpu_bench"}
+    # without TE the bench is asked for bf16 only (its fp8 rows could only fail)
+    bench = sections["gpu_bench"].argv
+    assert bench[bench.index("--precisions") + 1] == "bf16" and sections["gpu_bench"].checks == ("bench_rows",)
     # the smoke is the paper's 2.3B dims at 4 layers and seq 4096, and r is what the name says
     r1 = sections["train_local_r1"].argv
     assert "model=rexmoe_2.3b" in r1 and "model.num_layers=4" in r1 and "train.seq_length=4096" in r1
     assert "rexmoe.reuse_group_size=1" in r1 and "run.wandb.mode=disabled" in r1
-    assert "train.fp8=hybrid" in sections["train_te_fp8_r4"].argv
-    assert "train.fp8=hybrid" not in sections["train_te_bf16_r4"].argv
+    assert sections["train_local_r1"].checks == ("finite",)
+    for recipe in ("delayed", "tensorwise", "blockwise"):
+        name = "train_te_fp8_r4" if recipe == "delayed" else f"train_te_fp8_{recipe}_r4"
+        assert {"train.fp8=hybrid", f"train.fp8_recipe={recipe}"} <= set(sections[name].argv)
+    assert not any(a.startswith("train.fp8") for a in sections["train_te_bf16_r4"].argv)
 
 
-def test_plan_with_everything_skips_nothing(gc, tmp_path):
-    sections = gc.plan(tmp_path, sys.executable, _env(te=True, grouped=True))
-    assert all(s.skip is None for s in sections)
-    assert "model.moe_grouped_gemm=true" in {a for s in sections if s.name == "train_grouped_r4" for a in s.argv}
+def test_plan_features_and_resume_sections(gc, tmp_path):
+    sections = {s.name: s for s in gc.plan(tmp_path, sys.executable, _env(te=True, grouped=True))}
+    assert all(s.skip is None for s in sections.values())
+    features, resume = sections["train_grouped_features_r4"], sections["resume_grouped_features_r4"]
+    for s in (features, resume):  # deterministic: both through the wrapper, the same overrides
+        assert s.argv[1].endswith("bench/gpu_check_train.py")
+        assert {"model.moe_grouped_gemm=true", "rexmoe.psr.schedule=linear", "model.moe_expert_capacity_factor=1.25",
+                "rexmoe.balance.moe_router_enable_expert_bias=true", "model.recompute_granularity=full",
+                "train.global_batch_size=2", "train.micro_batch_size=1", "parallel.use_distributed_optimizer=true",
+                "checkpoint.save_interval=2", "checkpoint.async_save=false"} <= set(s.argv)
+    assert set(features.checks) == {"finite", "grouped", "psr_ramp", "capacity", "expert_bias", "features_config",
+                                    "microbatches_2", "checkpoints_every_2"}
+    assert resume.needs == features.name and set(resume.checks) == {"finite", "grouped", "resume_bitwise"}
+    load = [a for a in resume.argv if a.startswith("checkpoint.load=")]
+    assert load == [f"checkpoint.load={tmp_path / 'runs' / features.name / 'checkpoints' / 'iter_0000002'}"]
+    other = [a for a in resume.argv if not a.startswith(("checkpoint.load=", "run.dir="))]
+    assert other == [a for a in features.argv if not a.startswith("run.dir=")]
     no_pytest = {s.name: s for s in gc.plan(tmp_path, sys.executable, _env(True, True, pytest_ok=False))}
     assert no_pytest["gpu_tests"].skip == "pytest is not installed"
     assert no_pytest["train_local_r4"].skip is None
+
+
+def test_compare_resumed_is_bitwise(gc):
+    ref = [{"step": s, "loss": 1.0 / s, "grad_norm": 2.0 + s, "lm_loss": 0.5} for s in (1, 2, 3, 4)]
+    same = [dict(r) for r in ref[2:]]
+    assert gc.compare_resumed(ref, same, 2) is None
+    off = [dict(r) for r in ref[2:]]
+    off[1]["grad_norm"] = ref[3]["grad_norm"] + 1e-15  # one ulp-sized difference fails
+    assert gc.compare_resumed(ref, off, 2).startswith("step 4 grad_norm: resumed")
+    assert "logged steps [3]" in gc.compare_resumed(ref, same[:1], 2)
+    assert "logged steps [2, 3, 4]" in gc.compare_resumed(ref, [dict(r) for r in ref[1:]], 2)
+    assert gc.compare_resumed(ref, [], 4) is not None  # nothing to compare is not a pass
+
+
+def test_checks_read_what_the_sections_claim(gc, tmp_path):
+    s = gc.Section("x", [], 1, kind="train", artifact="runs/x",
+                   checks=("finite", "grouped", "psr_ramp", "capacity", "expert_bias", "microbatches_2"))
+    good = {"loss_finite": True, "grouped_gemm_forwards": 12, "psr_candidates": [64, 160, 256],
+            "dropped_fraction_logged": True, "expert_bias_range_max": 0.004, "num_microbatches": 2}
+    assert gc.check_section(s, good, tmp_path, {}) == []
+    bad = {"loss_finite": False, "psr_candidates": [256, 256], "num_microbatches": 1}
+    reasons = gc.check_section(s, bad, tmp_path, {})
+    assert len(reasons) == 6 and reasons[1].startswith("the grouped-GEMM bank never ran")
+    bench = {"models": [{"precision": "fp8", "r": 4, "dispatcher": "alltoall", "error": "RuntimeError: x"},
+                        {"precision": "bf16", "r": 4, "dispatcher": "alltoall"}], "errors": {"kernels": "E: y"}}
+    assert gc.CHECKS["bench_rows"](bench) == "fp8/r4/alltoall: RuntimeError: x; kernels: E: y"
+    assert gc.CHECKS["bench_rows"]({"models": [bench["models"][1]], "errors": {}}) is None
+
+
+def test_runner_skips_what_needs_a_failed_section_and_prunes_checkpoints(gc, tmp_path):
+    py = sys.executable
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name / "checkpoints" / "iter_0000001").mkdir(parents=True)
+    sections = [
+        gc.Section("a", [py, "-c", "raise SystemExit(1)"], 30, kind="train", artifact="runs/a"),
+        gc.Section("needs_a", [py, "-c", "pass"], 30, needs="a"),
+        gc.Section("b", [py, "-c", "pass"], 30, kind="train", artifact="runs/b", checks=("finite",)),
+    ]
+    results = {r.name: r for r in gc.run_sections(sections, tmp_path, budget_s=120, env={})}
+    assert results["needs_a"].status == "skipped" and results["needs_a"].reason == "needs a, which failed"
+    assert results["b"].status == "failed" and "no finite loss logged" in results["b"].reason
+    assert not (tmp_path / "runs" / "a" / "checkpoints").exists()  # nobody later needs them
+    assert not (tmp_path / "runs" / "b" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_features_run_and_its_resume_pass_the_kits_own_checks_on_cpu(gc, tmp_path, monkeypatch):
+    """The kit's features + resume pair with its real overrides, wrapper, figure reader and checks, on
+    the tiny model (CPU, fp32): everything it asserts on a GPU holds here, and the resume is bitwise."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = dict(grouped=True, features=True, layers=2, seq=32, steps=3, model="tiny", bf16=False)
+    wrapper = [sys.executable, str(REPO / "bench" / "gpu_check_train.py")]
+    ref_dir = tmp_path / "runs" / "ref"
+    ref = gc.Section("ref", [*wrapper, *gc.train_overrides(str(ref_dir), 2, "local", **common)], 300,
+                     kind="train", artifact="runs/ref",
+                     checks=("finite", "grouped", "psr_ramp", "capacity", "expert_bias", "features_config",
+                             "microbatches_2", "checkpoints_every_2"))
+    load = str(ref_dir / "checkpoints" / "iter_0000002")
+    resume = gc.Section("resume", [*wrapper, *gc.train_overrides(str(tmp_path / "runs" / "resume"), 2, "local",
+                                                                 load=load, **common)],
+                        300, kind="train", artifact="runs/resume", checks=("finite", "grouped", "resume_bitwise"),
+                        needs="ref")
+    results = gc.run_sections([ref, resume], tmp_path, budget_s=900, env={})
+    for result in results:
+        assert result.status == "ok", (result.name, result.reason, Path(result.log).read_text()[-2000:])
+        assert result.figures["checked"] == list({"ref": ref, "resume": resume}[result.name].checks)
+    assert [s["step"] for s in results[0].figures["steps"]] == [1, 2, 3]
+    assert [s["step"] for s in results[1].figures["steps"]] == [3]
+    assert results[0].figures["checkpoints"] == ["iter_0000002", "iter_0000003"]
+    assert not (ref_dir / "checkpoints").exists()  # pruned once the resume no longer needs them
 
 
 def test_runner_records_failures_and_timeouts_and_continues(gc, tmp_path):
@@ -139,9 +233,7 @@ def test_dry_list_names_every_section_and_why_it_skips(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     heads = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
-    assert [h.split(":")[0] for h in heads] == [
-        "triton_kernels", "gpu_tests", "train_local_r4", "train_te_fp8_r4", "gpu_bench", "train_local_r1",
-        "train_grouped_r4", "train_te_bf16_r4", "train_grouped_r1", "train_te_fp8_r1"]
+    assert [h.split(":")[0] for h in heads] == ORDER
     te_lines = [h for h in heads if h.startswith("train_te_")]
     try:
         import transformer_engine.pytorch  # noqa: F401

@@ -11,17 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from tests.dist import _reference
-from tests.helpers import tiny_config
+from tests.helpers import make_trainer, tiny_config
 
 _shared_dir, _remove_shared_dir = _reference.shared_dir, _reference.remove_shared_dir
-
-
-def _trainer(cfg):
-    from rexmoe_train import compat
-    from rexmoe_train.training.trainer import Trainer
-
-    compat.reset_megatron_global_state()
-    return Trainer(cfg)
 
 
 def _losses(history) -> dict[int, float]:
@@ -57,8 +49,8 @@ def test_resume_bitwise(megatron_world, layout, distributed_optimizer):
             setattr(cfg.checkpoint, key, value)
         return cfg
 
-    ref = _losses(_trainer(config(base / "a", save_interval=3)).run())
-    resumed = _trainer(config(base / "b", load=str(base / "a" / "checkpoints" / checkpoint.iter_name(3))))
+    ref = _losses(make_trainer(config(base / "a", save_interval=3)).run())
+    resumed = make_trainer(config(base / "b", load=str(base / "a" / "checkpoints" / checkpoint.iter_name(3))))
     assert resumed.step == 3
     got = _losses(resumed.run())
     assert sorted(got) == [4, 5, 6]
@@ -163,9 +155,9 @@ def test_reshard_one_process_checkpoint(megatron_world, one_process_references, 
         from rexmoe_train.checkpoint import CheckpointError
 
         with pytest.raises(CheckpointError, match="set checkpoint.load_optimizer=false"):
-            _trainer(cfg)
+            make_trainer(cfg)
         cfg.checkpoint.load_optimizer = False
-    trainer = _trainer(cfg)
+    trainer = make_trainer(cfg)
     assert trainer.step == 3
     assert len(trainer.chunks) == (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
     if layout == "pp2_uneven":

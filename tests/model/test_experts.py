@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from tests.helpers import tiny_config
@@ -265,3 +266,20 @@ def test_lean_loop_equals_megatron_sequential_mlp(layout):
         changed = copy.copy(bank.config)
         setattr(changed, field, value)
         assert why in _unsupported_by_direct_path(changed)
+
+
+def test_grouped_mm_probe_answers_the_same_under_no_grad(monkeypatch):
+    """A run's first expert forward is usually without autograd (the step-0 evaluation, full
+    recompute's first pass). The probe must still find grouped_mm working there, or the cached False
+    sends every grouped bank to the loop for the whole run."""
+    from rexmoe_train.model import experts
+
+    if experts._GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    monkeypatch.setattr(experts, "_GROUPED_MM_WORKS", {})
+    with torch.no_grad():
+        first = experts.grouped_mm_available(torch.device("cpu"), torch.float32)
+    assert first and experts._GROUPED_MM_WORKS == {("cpu", torch.float32): True}
+    monkeypatch.setattr(experts, "_GROUPED_MM_WORKS", {})
+    with torch.inference_mode():
+        assert experts.grouped_mm_available(torch.device("cpu"), torch.float32)
