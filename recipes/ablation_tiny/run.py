@@ -38,6 +38,8 @@ sys.path.insert(0, str(RECIPE.parent))  # recipes/_args.py, shared by the recipe
 from _args import check_overrides_and_only, split_overrides  # noqa: E402
 
 NO_PSR = ["rexmoe.psr.schedule=none"]
+PAPER_LITERAL = ("rexmoe.gating=softmax_then_topk", "rexmoe.gate_normalization=none", "rexmoe.psr.schedule=linear",
+                 "rexmoe.psr.protect_local=false", "rexmoe.psr.mask_draw=per_step", "rexmoe.psr.mask_on=scores")
 NO_AUX = ["rexmoe.balance.layer_aux_coeff=0.0"]
 BIAS = ["rexmoe.balance.moe_router_enable_expert_bias=true"]
 
@@ -48,21 +50,33 @@ class Variant:
     label: str
     overrides: tuple = field(default_factory=tuple)
     baseline: str = "r1"  # the vanilla run with the same gating
+    ramp: tuple = (0.2, 0.6)  # PSR start / end step as fractions of --steps (when the variant has PSR)
 
     @property
     def reuse(self) -> int:
         return next(int(o.split("=")[1]) for o in self.overrides if o.startswith("rexmoe.reuse_group_size="))
 
 
-def _v(name, label, *overrides, baseline="r1"):
+def _v(name, label, *overrides, baseline="r1", ramp=(0.2, 0.6)):
     # the reuse factor is always explicit: a model config passed as an override (e.g. paper_small's,
     # which says r=1) must not silently turn an r=4 variant into vanilla
     if not any(o.startswith("rexmoe.reuse_group_size=") for o in overrides):
         overrides = ("rexmoe.reuse_group_size=4", *overrides)
-    return Variant(name, label, tuple(overrides), baseline)
+    # ... nor may the packaged default's gate or PSR masking: a variant says what it changes from the
+    # paper-literal setting (rexmoe=paper), so its meaning does not move with the default
+    keys = {o.split("=")[0] for o in overrides}
+    overrides = (*(o for o in PAPER_LITERAL if o.split("=")[0] not in keys), *overrides)
+    return Variant(name, label, tuple(overrides), baseline, ramp)
 
 
 T2S = "rexmoe.gating=topk_then_softmax"
+# The gate x PSR cross (docs/ablation_tiny.md section 5). Every cell names all four knobs, so the
+# packaged default (whatever it is) never leaks into a cell.
+PAPER_GATE = ("rexmoe.gating=softmax_then_topk", "rexmoe.gate_normalization=none")
+RENORM = ("rexmoe.gating=softmax_then_topk", "rexmoe.gate_normalization=renorm_topk")
+RANDOM = ("rexmoe.psr.schedule=linear", "rexmoe.psr.protect_local=false", "rexmoe.psr.mask_draw=per_step")
+PROTECT = ("rexmoe.psr.schedule=linear", "rexmoe.psr.protect_local=true", "rexmoe.psr.mask_draw=per_step")
+NESTED = ("rexmoe.psr.schedule=linear", "rexmoe.psr.protect_local=false", "rexmoe.psr.mask_draw=nested")
 VARIANTS = (
     _v("r1", "vanilla (r=1), softmax_then_topk", "rexmoe.reuse_group_size=1", *NO_PSR),
     _v("r1_t2s", "vanilla (r=1), topk_then_softmax", "rexmoe.reuse_group_size=1", *NO_PSR, T2S,
@@ -81,6 +95,19 @@ VARIANTS = (
     _v("r4_t2s", "r=4, topk_then_softmax", *NO_PSR, T2S, baseline="r1_t2s"),
     _v("r4_t2s_bias_physical", "r=4, topk_then_softmax + aux-free physical", *NO_PSR, T2S, *NO_AUX, *BIAS,
        "rexmoe.balance.expert_bias_scope=physical", baseline="r1_t2s"),
+    # gate x PSR cross; renormalised gates at r=1 are exactly topk_then_softmax, hence that baseline
+    _v("x_paper_none", "paper gate, no PSR", *PAPER_GATE, *NO_PSR),
+    _v("x_paper_random", "paper gate, PSR random masks (the paper)", *PAPER_GATE, *RANDOM),
+    _v("x_paper_protect", "paper gate, PSR protect_local", *PAPER_GATE, *PROTECT),
+    _v("x_paper_nested", "paper gate, PSR nested masks", *PAPER_GATE, *NESTED),
+    _v("x_renorm_none", "renorm_topk, no PSR", *RENORM, *NO_PSR, baseline="r1_t2s"),
+    _v("x_renorm_random", "renorm_topk, PSR random masks", *RENORM, *RANDOM, baseline="r1_t2s"),
+    _v("x_renorm_protect", "renorm_topk, PSR protect_local", *RENORM, *PROTECT, baseline="r1_t2s"),
+    _v("x_renorm_nested", "renorm_topk, PSR nested masks", *RENORM, *NESTED, baseline="r1_t2s"),
+    _v("x_renorm_nested_early", "renorm_topk, PSR nested masks, ramp 0 -> 0.3 of the run", *RENORM, *NESTED,
+       baseline="r1_t2s", ramp=(0.0, 0.3)),
+    _v("x_renorm_protect_early", "renorm_topk, PSR protect_local, ramp 0 -> 0.3 of the run", *RENORM,
+       *PROTECT, baseline="r1_t2s", ramp=(0.0, 0.3)),
 )
 
 
@@ -107,12 +134,18 @@ def _env() -> dict:
     return env
 
 
+def psr_steps(variant: Variant, steps: int) -> list[str]:
+    """The PSR ramp's start / end steps: the variant's fractions of the run (ignored without PSR)."""
+    start, end = (round(f * steps) for f in variant.ramp)
+    return [f"rexmoe.psr.start_step={start}", f"rexmoe.psr.end_step={max(end, start + 1)}"]
+
+
 def train(variant: Variant, seed: int, args, extra: list[str]) -> Path:
     run_dir = args.out / f"{variant.name}-s{seed}"
     if any(r.get("step") == args.steps and "val_loss" in r for r in _records(run_dir)):
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    psr = [f"rexmoe.psr.start_step={round(0.2 * args.steps)}", f"rexmoe.psr.end_step={round(0.6 * args.steps)}"]
+    psr = psr_steps(variant, args.steps)
     cmd = [sys.executable, "-m", "rexmoe_train.cli.train", f"train.seed={seed}", f"train.train_iters={args.steps}",
            f"train.eval_interval={max(1, args.steps // 5)}", f"train.eval_iters={args.eval_iters}",
            "run.progress=false", "run.wandb.mode=disabled", *psr, *variant.overrides, *extra,

@@ -4,7 +4,8 @@ Target architecture: transformers' stock ``Qwen2MoeForCausalLM`` (model_type ``q
 ``Qwen3MoeForCausalLM`` (``qwen3_moe``) when the model has ``model.qk_layernorm`` (Qwen3 always
 applies a per-head RMSNorm to queries and keys, Qwen2 never does). Both have what we need: softmax
 router with top-k and ``norm_topk_prob`` (False = the paper's softmax-then-top-k; True =
-top-k-then-softmax, which is the same function), SwiGLU experts, RMSNorm, RoPE, GQA, no attention
+top-k-then-softmax, which is the same function, and also the paper's gating with the kept gates
+renormalised, ``rexmoe.gate_normalization=renorm_topk``), SwiGLU experts, RMSNorm, RoPE, GQA, no attention
 bias, dense layers through ``mlp_only_layers``; Qwen2-MoE also has a shared expert (Qwen3-MoE has
 none, so shared experts with QK-norm are refused).
 
@@ -14,7 +15,8 @@ Two details make the export exact rather than approximate:
 - Qwen2-MoE multiplies its shared expert by sigmoid(shared_expert_gate(x)). With the gate weight zero
   that is exactly 0.5, so the shared expert's down projection is stored doubled (exact in binary
   floating point). Without shared experts the shared expert has intermediate size 0 (it outputs 0).
-Sigmoid gating has no Qwen equivalent: export refuses it rather than export something different.
+Sigmoid gating and ``gate_normalization=scale_candidates`` (kept gates times r at full PSR) have no
+Qwen equivalent: export refuses them rather than export something different.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def check_exportable(cfg: ExperimentConfig) -> None:
     if cfg.rexmoe.gating == "sigmoid":
         raise ConvertError("export-hf: rexmoe.gating=sigmoid has no Qwen2-MoE equivalent (its router is "
                            "softmax); supported gatings: softmax_then_topk, topk_then_softmax")
+    if cfg.rexmoe.gate_normalization == "scale_candidates":
+        raise ConvertError("export-hf: rexmoe.gate_normalization=scale_candidates has no Qwen2-MoE equivalent "
+                           "(its gates are a softmax, optionally renormalised); supported: none, renorm_topk")
     if cfg.model.normalization != "RMSNorm":
         raise ConvertError(f"export-hf: model.normalization={cfg.model.normalization} is not representable "
                            "in Qwen2-MoE (RMSNorm only)")
@@ -41,6 +46,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
         raise ConvertError("export-hf: model.qk_layernorm=true needs Qwen3-MoE, which has no shared expert "
                            f"(model.moe_shared_expert_intermediate_size="
                            f"{cfg.model.moe_shared_expert_intermediate_size}); Qwen2-MoE has no QK-norm")
+
+
+def norm_topk_prob(cfg: ExperimentConfig) -> bool:
+    """Whether each token's kept gates sum to 1: Qwen's softmax over all experts, top-k, then renormalised
+    over the k equals topk_then_softmax, and the paper's softmax_then_topk with renorm_topk."""
+    return cfg.rexmoe.gating == "topk_then_softmax" or cfg.rexmoe.gate_normalization == "renorm_topk"
 
 
 def hf_architecture(cfg: ExperimentConfig) -> str:
@@ -78,7 +89,7 @@ def hf_config(cfg: ExperimentConfig, vocab_size: int) -> dict:
         "moe_intermediate_size": m.moe_ffn_hidden_size,
         "num_experts_per_tok": m.moe_router_topk,
         "num_experts": sizes.pop(),
-        "norm_topk_prob": cfg.rexmoe.gating == "topk_then_softmax",
+        "norm_topk_prob": norm_topk_prob(cfg),
         "use_sliding_window": False,
         "torch_dtype": "bfloat16" if cfg.train.bf16 else "float32",
         "use_cache": True,

@@ -3,6 +3,13 @@
 The number of candidates a router may choose from grows with the optimizer step t (spec §3):
 N for t <= t_s, ramping to r*N at t_e. Each step, (r*N - N_t) candidates are masked at random.
 
+Which ones (``mask_draw``): ``per_step`` (the paper) draws a fresh random set every optimizer step;
+``nested`` draws one random order of the candidates per (seed, layer) for the whole run and masks its
+last r*N - N_t, so the available set only grows: a candidate once opened stays open. The per-step
+redraw makes a router's preferred candidates vanish at random (at t <= t_s a router keeps only N of
+its r*N: its first choice is missing three steps in four at r=4); docs/ablation_tiny.md section 5
+measures what that costs.
+
 Both the count and the mask are pure functions of their inputs (step, and (seed, step, layer) for the
 mask): every data- and expert-parallel rank and every micro-batch of a step sees the same mask, a
 re-run reproduces it, and a resumed run continues it — nothing depends on wall time or a counter that a
@@ -19,6 +26,7 @@ import numpy as np
 import torch
 
 SCHEDULES = ("linear", "stepwise", "cosine", "none")
+MASK_DRAWS = ("per_step", "nested")
 
 
 @dataclass(frozen=True)
@@ -28,10 +36,13 @@ class PSRSchedule:
     reuse_group_size: int  # r (of the router's group; a partial last group has a smaller r)
     start_step: int  # t_s
     end_step: int  # t_e
+    draw: str = "per_step"  # which candidates are masked: MASK_DRAWS (module docstring)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"PSR schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
+        if self.draw not in MASK_DRAWS:
+            raise ValueError(f"PSR mask_draw must be one of {', '.join(MASK_DRAWS)}, got {self.draw!r}")
         if self.kind != "none" and self.end_step <= self.start_step:
             raise ValueError(f"PSR end_step ({self.end_step}) must be > start_step ({self.start_step})")
 
@@ -72,8 +83,9 @@ def psr_allowed_mask(
     """Bool [r*N]: True where candidate is available at ``step`` for MoE layer ``moe_layer``.
 
     ``protect`` (the layer's own candidates, for ``protect_local``) are never masked. The masked set is
-    drawn from numpy's PCG64 seeded by (seed, step, layer): platform-independent and identical on
-    every rank without communication.
+    drawn from numpy's PCG64 seeded by (seed, step, layer) (``per_step``) or by (seed, layer) (``nested``:
+    the last r*N - N_t of one fixed random order of the unprotected candidates): platform-independent
+    and identical on every rank without communication.
     """
     total = schedule.total
     allowed = torch.ones(total, dtype=torch.bool)
@@ -83,8 +95,12 @@ def psr_allowed_mask(
     pool = np.arange(total)
     if protect is not None:
         pool = np.setdiff1d(pool, np.asarray(protect))
-    rng = np.random.default_rng([int(seed), int(step), int(moe_layer)])
-    masked = rng.choice(pool, size=num_masked, replace=False)
+    if schedule.draw == "nested":
+        order = np.random.default_rng([int(seed), int(moe_layer)]).permutation(pool)
+        masked = order[len(order) - num_masked:]
+    else:
+        rng = np.random.default_rng([int(seed), int(step), int(moe_layer)])
+        masked = rng.choice(pool, size=num_masked, replace=False)
     allowed[torch.from_numpy(np.sort(masked))] = False
     return allowed
 

@@ -70,7 +70,7 @@ class ReXMoERouter(TopKRouter):
         self.psr_state = psr_state
         self.psr_schedule = PSRSchedule(
             rexmoe.psr.schedule, group.experts_per_layer, group.size,
-            rexmoe.psr.start_step, rexmoe.psr.end_step)
+            rexmoe.psr.start_step, rexmoe.psr.end_step, rexmoe.psr.mask_draw)
         self.protected = group.local_candidates(moe_layer) if rexmoe.psr.protect_local else None
         self.placement = placement
         self.layer_aux_coeff = rexmoe.balance.layer_aux_coeff
@@ -92,6 +92,19 @@ class ReXMoERouter(TopKRouter):
         # queue stays empty and every forward counts. (Eval forwards run in eval mode: not counted.)
         self._to_replay: deque[_Counted] = deque()
         self.replaying = False  # the current forward is a recompute replay (read by the dispatcher)
+
+    # Token counts must stay exact float64 whatever the module is cast to: Float16Module (bf16, the
+    # GPU default) calls .bfloat16() on the whole model, which casts every floating buffer, and bf16
+    # counts stop being exact at 256 (metrics, update_expert_bias). Device moves still apply.
+    _EXACT_COUNTERS = ("step_load", "step_routed")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._EXACT_COUNTERS:
+            buffer = self._buffers[name]
+            if buffer.dtype != torch.float64:
+                self._buffers[name] = buffer.to(torch.float64)
+        return self
 
     # -- PSR ---------------------------------------------------------------------------------------
     def available(self) -> torch.Tensor:
@@ -158,7 +171,9 @@ class ReXMoERouter(TopKRouter):
         probs: megatron's own policy (each candidate keeps its highest gate values). position: the
         EARLIEST tokens, exactly; megatron's version takes a top-k over the 0/1 routing map, whose
         choice among ties is unspecified (on CPU it keeps later tokens too)."""
-        columns = allowed.nonzero().squeeze(1)
+        # the PSR mask lives on the CPU (core/psr.py): take its columns there (no device sync), then
+        # index the probs on their own device
+        columns = allowed.cpu().nonzero().squeeze(1).to(probs.device)
         sub_probs, sub_map = probs.index_select(1, columns), routing_map.index_select(1, columns)
         if self.config.moe_token_drop_policy == "position":
             capacity = get_capacity(sub_map.shape[0] * self.topk, sub_map.shape[1],

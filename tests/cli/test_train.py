@@ -22,12 +22,12 @@ def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("override,field", [
     ("rexmoe.reuse_group_size=0", "rexmoe.reuse_group_size"),
     ("rexmoe.gating=softmax", "rexmoe.gating"),
-    ("rexmoe.psr.end_step=10", "rexmoe.psr.end_step"),
+    ("rexmoe=paper rexmoe.psr.end_step=10", "rexmoe.psr.end_step"),  # PSR on (the default has it off)
     ("+model.num_expert=4", "model.num_expert"),
 ])
 def test_bad_override_one_line_exit_2_nothing_written(tmp_path, override, field):
     run_dir = tmp_path / "run"
-    proc = run_cli(override, f"run.dir={run_dir}", timeout=120)
+    proc = run_cli(*override.split(), f"run.dir={run_dir}", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and field in lines[0], proc.stderr
@@ -36,10 +36,11 @@ def test_bad_override_one_line_exit_2_nothing_written(tmp_path, override, field)
 
 @pytest.mark.slow  # a real end-to-end CLI run
 def test_default_run_short_override_loss_falls(tmp_path):
-    """The embedded default (tiny ReXMoE, r=4, PSR on), shortened; the PSR ramp is squeezed in."""
+    """The embedded default (tiny ReXMoE, r=4), shortened, with PSR turned on (the default preset has
+    it off; on, it uses nested masks) and its ramp squeezed in."""
     run_dir = tmp_path / "run"
     proc = run_cli("train.train_iters=40", "train.eval_interval=20", "train.lr_warmup_iters=5",
-                   "rexmoe.psr.start_step=10", "rexmoe.psr.end_step=30", "run.progress=false",
+                   "rexmoe.psr.schedule=linear", "rexmoe.psr.start_step=10", "rexmoe.psr.end_step=30", "run.progress=false",
                    f"run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -106,3 +107,22 @@ def test_paper_dry_run_needs_only_the_model(model, hidden):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world size 8:" in proc.stdout
     assert f"embeddings={2 * hidden * 32000:,}" in proc.stdout, proc.stdout[:2000]
+
+
+@pytest.mark.slow  # a real end-to-end CLI run
+def test_paper_literal_preset_trains(tmp_path):
+    """`rexmoe=paper` is the paper's gate and PSR masking, one override away from the default."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("rexmoe=paper", "train.train_iters=6", "train.lr_warmup_iters=1", "train.eval_iters=1",
+                   "train.eval_interval=6", "model.hidden_size=64", "model.moe_ffn_hidden_size=64",
+                   "train.seq_length=32", "rexmoe.psr.start_step=2", "rexmoe.psr.end_step=5", "run.progress=false",
+                   "run.wandb.mode=disabled", f"run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rexmoe = yaml.safe_load((run_dir / "config.yaml").read_text())["rexmoe"]
+    assert (rexmoe["gating"], rexmoe["gate_normalization"]) == ("softmax_then_topk", "none")
+    assert (rexmoe["psr"]["mask_draw"], rexmoe["psr"]["protect_local"]) == ("per_step", False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["psr_candidates"] for r in records if "loss" in r] == [8, 8, 16, 24, 32, 32]
+    assert any("val_loss" in r and r["step"] == 6 for r in records)

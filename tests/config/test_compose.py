@@ -20,7 +20,7 @@ PACKAGED = files("rexmoe_train.configs")
 def test_default_is_the_tiny_run_and_every_unset_field_is_the_dataclass_default():
     composed = compose_experiment([])
     cfg = composed.experiment
-    assert composed.choices == {"model": "tiny", "train": "tiny_cpu"}
+    assert composed.choices == {"model": "tiny", "train": "tiny_cpu", "rexmoe": "default"}
     assert cfg.run.dir == "runs/tiny-r4"
     assert cfg.rexmoe.reuse_group_size == 4 and (cfg.rexmoe.psr.start_step, cfg.rexmoe.psr.end_step) == (50, 150)
     assert cfg.model.num_query_groups == 2
@@ -39,6 +39,38 @@ def test_se_variants_extend_their_base_and_paper_models_bring_their_recipe():
     assert se.model.vocab_size == 32000 and se.parallel.expert_model_parallel_size == 8
     # the command line still picks another recipe
     assert compose_experiment(["model=rexmoe_2.3b", "train=tiny_cpu"]).experiment.train.seq_length == 256
+
+
+# the reuse setting of the packaged default (configs/rexmoe/default.yaml; docs/ablation_tiny.md section 6)
+# and of the paper-literal preset, which is also what the dataclasses default to
+DEFAULT_GATE_AND_MASKS = {"gating": "softmax_then_topk", "gate_normalization": "renorm_topk", "psr.schedule": "none",
+                          "psr.mask_on": "scores", "psr.mask_draw": "nested", "psr.protect_local": False}
+PAPER_GATE_AND_MASKS = {"gating": "softmax_then_topk", "gate_normalization": "none", "psr.schedule": "linear",
+                        "psr.mask_on": "scores", "psr.mask_draw": "per_step", "psr.protect_local": False}
+
+
+def _gate_and_masks(rexmoe) -> dict:
+    return {key: getattr(rexmoe.psr, key[4:]) if key.startswith("psr.") else getattr(rexmoe, key)
+            for key in DEFAULT_GATE_AND_MASKS}
+
+
+@pytest.mark.parametrize("model", ["tiny", "rexmoe_0.5b", "rexmoe_0.5b_se", "rexmoe_2.3b", "rexmoe_2.3b_se",
+                                   "rexmoe_7b_se", "rexmoe_18.7b_se"])
+def test_every_model_gets_the_default_preset_and_rexmoe_paper_is_the_paper(model):
+    default = compose_experiment([f"model={model}"]).experiment
+    paper = compose_experiment([f"model={model}", "rexmoe=paper"]).experiment
+    assert _gate_and_masks(default.rexmoe) == DEFAULT_GATE_AND_MASKS
+    assert _gate_and_masks(paper.rexmoe) == PAPER_GATE_AND_MASKS == _gate_and_masks(ExperimentConfig().rexmoe)
+    # the presets change the gate, PSR on/off and the masking only: the model's reuse and PSR steps stay
+    same = dataclasses.replace(paper.rexmoe, gate_normalization=default.rexmoe.gate_normalization,
+                               psr=dataclasses.replace(paper.rexmoe.psr, mask_draw=default.rexmoe.psr.mask_draw,
+                                                       schedule=default.rexmoe.psr.schedule))
+    assert same == default.rexmoe and dataclasses.replace(paper, rexmoe=same, run=default.run) == default
+    assert paper.rexmoe.psr.end_step > paper.rexmoe.psr.start_step  # the model's ramp, used by rexmoe=paper
+    paper.validate()
+    # an explicit field still wins over the preset
+    psr_on = compose_experiment([f"model={model}", "rexmoe.psr.schedule=linear"]).experiment.rexmoe.psr
+    assert (psr_on.schedule, psr_on.mask_draw, psr_on.start_step) == ("linear", "nested", paper.rexmoe.psr.start_step)
 
 
 @pytest.mark.parametrize("model", ["rexmoe_0.5b", "rexmoe_0.5b_se", "rexmoe_2.3b_se", "rexmoe_7b_se"])

@@ -41,12 +41,25 @@ def _greedy(step_logits, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return tokens[:, prompt.shape[1]:]
 
 
-@pytest.mark.parametrize("r,shared,gating", [(2, None, "softmax_then_topk"), (4, 32, "softmax_then_topk"),
-                                             (4, None, "topk_then_softmax")])
-def test_stock_transformers_matches(tmp_path, megatron_world, r, shared, gating):
+def _packaged_default_gate() -> tuple[str, str]:
+    """(gating, gate_normalization) of the packaged default preset (configs/rexmoe/default.yaml)."""
+    from rexmoe_train.config.compose import compose_experiment
+
+    rexmoe = compose_experiment([]).experiment.rexmoe
+    return rexmoe.gating, rexmoe.gate_normalization
+
+
+@pytest.mark.parametrize("r,shared,gate", [(2, None, ("softmax_then_topk", "none")),
+                                           (4, 32, ("softmax_then_topk", "none")),
+                                           (4, None, ("topk_then_softmax", "none")),
+                                           (4, 32, ("softmax_then_topk", "renorm_topk")),
+                                           (4, None, "packaged default")])
+def test_stock_transformers_matches(tmp_path, megatron_world, r, shared, gate):
     from rexmoe_train.convert.export import export_hf
 
+    gating, normalization = _packaged_default_gate() if gate == "packaged default" else gate
     cfg = tiny_config(r=r, layers=4, gating=gating, psr="linear", start_step=0, end_step=2)
+    cfg.rexmoe.gate_normalization = normalization
     cfg.model.moe_shared_expert_intermediate_size = shared
     cfg.run.dir = str(tmp_path / "run")
     chunk, vocab = _trained_model(cfg)
@@ -54,6 +67,8 @@ def test_stock_transformers_matches(tmp_path, megatron_world, r, shared, gating)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     assert hf.config.num_experts == r * cfg.model.num_moe_experts
+    # kept gates renormalised (topk_then_softmax, or renorm_topk) <=> Qwen's norm_topk_prob
+    assert hf.config.norm_topk_prob == (gating == "topk_then_softmax" or normalization == "renorm_topk")
 
     def ours(tokens):
         pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
@@ -76,3 +91,12 @@ def test_sigmoid_gating_refused():
 
     with pytest.raises(ConvertError, match="sigmoid has no Qwen2-MoE equivalent"):
         check_exportable(tiny_config(gating="sigmoid"))
+
+
+def test_gate_scaled_by_candidates_refused():
+    from rexmoe_train.convert.hf_format import check_exportable
+
+    cfg = tiny_config()
+    cfg.rexmoe.gate_normalization = "scale_candidates"
+    with pytest.raises(ConvertError, match="gate_normalization=scale_candidates has no Qwen2-MoE equivalent"):
+        check_exportable(cfg)

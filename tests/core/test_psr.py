@@ -116,3 +116,29 @@ def test_bad_schedule_rejected():
         PSRSchedule("linear", 8, 4, 10, 10)
     with pytest.raises(ValueError, match="schedule"):
         PSRSchedule("exponential", 8, 4, 0, 10)
+
+
+def test_nested_masks_only_grow_and_keep_the_schedule_count():
+    # mask_draw=nested: one random order per (seed, layer); the available set at a later step contains
+    # the one at any earlier step, and the count is the schedule's
+    for protect in (None, range(8, 16)):
+        s = PSRSchedule("linear", 8, 4, 10, 70, draw="nested")
+        masks = [psr_allowed_mask(s, t, seed=7, moe_layer=1, protect=protect) for t in range(0, 75)]
+        for t, m in enumerate(masks):
+            assert int(m.sum()) == s.num_candidates(t)
+            if protect is not None:
+                assert m[8:16].all()
+            if t:
+                assert not (masks[t - 1] & ~m).any(), f"step {t} closed a candidate open at step {t - 1}"
+        assert len({tuple(m.tolist()) for m in masks[:11]}) == 1  # t <= t_s: one fixed set, no redraw
+        assert masks[-1].all()
+        # a pure function of (seed, layer): other layers / seeds get another order
+        assert torch.equal(masks[40], psr_allowed_mask(s, 40, seed=7, moe_layer=1, protect=protect))
+        others = {tuple(psr_allowed_mask(s, 40, seed=sd, moe_layer=ly, protect=protect).tolist())
+                  for sd in (7, 8) for ly in (0, 1, 2)}
+        assert len(others) > 1
+    # per_step (the paper) redraws: its masks at t <= t_s differ between steps
+    per_step = PSRSchedule("linear", 8, 4, 10, 70)
+    assert len({tuple(psr_allowed_mask(per_step, t, 7, 1).tolist()) for t in range(11)}) > 5
+    with pytest.raises(ValueError, match="mask_draw"):
+        PSRSchedule("linear", 8, 4, 0, 10, draw="sometimes")

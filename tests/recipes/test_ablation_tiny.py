@@ -21,6 +21,24 @@ def _recipe():
         return module
 
 
+def _gate_function(rexmoe) -> str:
+    """The function the gate computes: the paper's gating with its kept gates renormalised is
+    topk_then_softmax (the same k softmax values), so either is compared with the same vanilla."""
+    if rexmoe.gating == "softmax_then_topk" and rexmoe.gate_normalization == "renorm_topk":
+        return "topk_then_softmax"
+    return rexmoe.gating if rexmoe.gate_normalization == "none" else f"{rexmoe.gating}+{rexmoe.gate_normalization}"
+
+
+def test_psr_ramp_is_a_fraction_of_the_run():
+    recipe = _recipe()
+    by_name = {v.name: v for v in recipe.VARIANTS}
+    assert recipe.psr_steps(by_name["x_renorm_nested"], 150) == ["rexmoe.psr.start_step=30", "rexmoe.psr.end_step=90"]
+    assert recipe.psr_steps(by_name["x_renorm_nested_early"], 250) == [
+        "rexmoe.psr.start_step=0", "rexmoe.psr.end_step=75"]
+    assert recipe.psr_steps(by_name["x_renorm_nested_early"], 2) == [
+        "rexmoe.psr.start_step=0", "rexmoe.psr.end_step=1"]  # end > start, always
+
+
 def test_every_variant_is_a_valid_config_and_vanilla_baselines_exist():
     from rexmoe_train.config.compose import compose_experiment
 
@@ -30,8 +48,14 @@ def test_every_variant_is_a_valid_config_and_vanilla_baselines_exist():
         cfg = compose_experiment([*v.overrides, "run.dir=unused"]).experiment.validate()
         assert cfg.rexmoe.reuse_group_size == v.reuse
         assert v.baseline in names and next(b for b in recipe.VARIANTS if b.name == v.baseline).reuse == 1
-        assert cfg.rexmoe.gating == compose_experiment(
-            [*next(b for b in recipe.VARIANTS if b.name == v.baseline).overrides]).experiment.rexmoe.gating
+        baseline = compose_experiment([*next(b for b in recipe.VARIANTS if b.name == v.baseline).overrides])
+        # the same gating as its vanilla, or (x_renorm_*) the same gate function
+        assert (cfg.rexmoe.gating == baseline.experiment.rexmoe.gating
+                or _gate_function(cfg.rexmoe) == _gate_function(baseline.experiment.rexmoe)), v.name
+        # every variant pins the gate and the PSR masking: the packaged default never leaks into one
+        assert {o.split("=")[0] for o in v.overrides} >= {
+            "rexmoe.gating", "rexmoe.gate_normalization", "rexmoe.psr.schedule", "rexmoe.psr.protect_local",
+            "rexmoe.psr.mask_draw"}, v.name
     bias = compose_experiment(list(next(v for v in recipe.VARIANTS if v.name == "r4_bias_physical").overrides))
     assert bias.experiment.rexmoe.balance.expert_bias_scope == "physical"
     assert bias.experiment.rexmoe.balance.layer_aux_coeff == 0.0

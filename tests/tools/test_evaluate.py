@@ -14,7 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.num_layers=4", "model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_length=32",
         "train.micro_batch_size=2", "train.global_batch_size=2", "train.lr_warmup_iters=1",
-        "train.train_iters=2", "train.eval_interval=2", "run.progress=false", "run.wandb.mode=disabled"]
+        "train.train_iters=2", "train.eval_interval=2", "run.progress=false", "run.wandb.mode=disabled",
+        # PSR on (the packaged default has it off), so the checkpoint's step decides the candidates
+        "rexmoe.psr.schedule=linear"]
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
