@@ -5,7 +5,8 @@
 #   launch/torchrun.sh 8 model=rexmoe_2.3b run.dir=runs/2p3b
 #
 # Env: OMP_NUM_THREADS, MASTER_PORT (both optional, see below); PYTHON picks the
-# interpreter (default: `torchrun` from PATH, else `python -m torch.distributed.run`).
+# interpreter (default: the checkout's .venv, else python3); PET_MAX_RESTARTS (torchrun's own
+# variable) sets how often a failed run is restarted from its newest checkpoint (default 3, 0: off).
 set -euo pipefail
 
 usage="usage: $0 NPROC [hydra overrides...]  (NPROC: processes on this node, a positive integer)"
@@ -58,13 +59,19 @@ if [[ -z ${PYTHON:-} && -x $repo/.venv/bin/python ]]; then
 fi
 if [[ -n ${PYTHON:-} ]]; then
     python=("$PYTHON")
-    launcher=("$PYTHON" -m torch.distributed.run)
-elif command -v torchrun >/dev/null 2>&1; then
-    python=(python3)
-    launcher=(torchrun)
 else
     python=(python3)
-    launcher=(python3 -m torch.distributed.run)
+fi
+# torchrun (same options, elastic agent) with one summary line per failure, no restart for what a
+# restart cannot fix, and no process of the run outliving it: rexmoe_train/cli/launch.py.
+launcher=("${python[@]}" -m rexmoe_train.cli.launch)
+
+# Restarts: on by default and bounded. A dead, hung or failing rank restarts the whole group, which
+# resumes from the newest complete checkpoint (checkpoint.save_interval sets how much is redone).
+max_restarts=${PET_MAX_RESTARTS:-3}
+if ! [[ $max_restarts =~ ^[0-9]+$ ]]; then
+    echo "$0: PET_MAX_RESTARTS=$max_restarts: must be an integer >= 0" >&2
+    exit 2
 fi
 
 # Validate the config (and the layout for this many processes) once, before starting N of them:
@@ -72,4 +79,4 @@ fi
 "${python[@]}" -m rexmoe_train.cli.train --check --world-size "$nproc_per_node" "$@" || exit $?
 
 exec "${launcher[@]}" "${rendezvous[@]}" --nproc-per-node "$nproc_per_node" \
-    -m rexmoe_train.cli.train "$@"
+    --max-restarts "$max_restarts" -m rexmoe_train.cli.train "$@"

@@ -25,6 +25,15 @@ def tiny_config(r: int = 4, layers: int = 4, experts: int = 8, topk: int = 2, hi
     return cfg
 
 
+def make_trainer(cfg):
+    """A Trainer for ``cfg`` in this process, after clearing megatron's global state of the last one."""
+    from rexmoe_train import compat
+    from rexmoe_train.training.trainer import Trainer
+
+    compat.reset_megatron_global_state()
+    return Trainer(cfg)
+
+
 # activation recompute settings compared against no recompute (model.recompute_* fields)
 RECOMPUTE_SETTINGS = {
     "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
@@ -32,8 +41,9 @@ RECOMPUTE_SETTINGS = {
     "selective_moe": dict(recompute_granularity="selective", moe_grouped_gemm=True,
                           recompute_modules=["moe", "moe_act", "core_attn"]),
 }
-# record fields that measure time or memory, not the computation
-_TIMING = ("time", "tokens_per_s", "tflops", "mfu", "memory")
+# record fields that measure time or memory, not the computation (the grouped bank's forward count,
+# which recompute replays raise, and the straggler report's per-rank busy times and the ranks it names)
+_TIMING = ("time", "tokens_per_s", "tflops", "mfu", "memory", "grouped_gemm_forwards", "busy_s", "straggler")
 
 
 def train_with_recompute(cfg, run_dir: str, settings: dict, steps: int = 2) -> dict:

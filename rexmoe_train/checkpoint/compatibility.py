@@ -51,7 +51,12 @@ def model_signature(cfg, vocab_size: int) -> dict[str, Any]:
 
 
 def parallel_signature(cfg, world_size: int) -> dict[str, Any]:
-    p = cfg.parallel
+    p, m = cfg.parallel, cfg.model
+    stored = m.expert_ffn_stored_size(cfg.train.fp8)
+    # The expert bank's stored FFN width, only when padded (model/expert_padding.py): model weights
+    # are saved unpadded, but the distributed optimizer's buffers hold the pads. Absent otherwise, so
+    # the signature of an unpadded run is what it always was.
+    padded = {"expert_ffn_padded_to": stored} if stored != m.moe_ffn_hidden_size else {}
     return {
         "world_size": world_size,
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
@@ -61,6 +66,7 @@ def parallel_signature(cfg, world_size: int) -> dict[str, Any]:
         "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
         "data_parallel_size": cfg.data_parallel_size(world_size),
         "use_distributed_optimizer": p.use_distributed_optimizer,
+        **padded,
     }
 
 
@@ -68,14 +74,15 @@ def _optimizer_layout(par: dict) -> tuple:
     keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
             "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
             "expert_tensor_parallel_size")
-    return tuple(par[k] for k in keys)
+    return (*(par[k] for k in keys), par.get("expert_ffn_padded_to"))  # absent: not padded
 
 
 def _describe_layout(par: dict) -> str:
     kind = "distributed" if par["use_distributed_optimizer"] else "non-distributed"
     return (f"{kind} optimizer, tp={par['tensor_model_parallel_size']} "
             f"pp={par['pipeline_model_parallel_size']} vpp={par['virtual_pipeline_model_parallel_size']} "
-            f"ep={par['expert_model_parallel_size']} etp={par['expert_tensor_parallel_size']}")
+            f"ep={par['expert_model_parallel_size']} etp={par['expert_tensor_parallel_size']}"
+            + (f" expert FFN padded to {par['expert_ffn_padded_to']}" if par.get("expert_ffn_padded_to") else ""))
 
 
 def optimizer_compatible(saved: dict, current: dict) -> bool:
@@ -123,6 +130,7 @@ def validate_for_load(cfg, ckpt: Path, vocab_size: int, world_size: int,
                               f"train.train_iters={cfg.train.train_iters}")
     if meta.get("model_only"):  # written by rexmoe-convert: weights only, any layout
         return meta
+    check_data_position(cfg, ckpt, meta)
     current = parallel_signature(cfg, world_size)
     if cfg.checkpoint.load_optimizer and not optimizer_compatible(meta["parallel"], current):
         raise CheckpointError(
@@ -137,3 +145,39 @@ def validate_for_load(cfg, ckpt: Path, vocab_size: int, world_size: int,
             "expert_model_parallel_size; ep=1 checkpoints written before that hold 1); set "
             "checkpoint.load_optimizer=false to load the model, LR schedule and step only")
     return meta
+
+
+def check_data_position(cfg, ckpt: Path, meta: dict) -> None:
+    """The next step must start at the sample after the checkpoint's: the batch of step t is a pure
+    function of (seed, t, global batch), so the global batch must be the checkpoint's. The
+    data-parallel size may change (elastic restarts): it only decides which rank reads which sample."""
+    saved = meta.get("consumed_samples")
+    if saved is None:
+        return
+    here = meta["step"] * cfg.train.global_batch_size
+    if saved != here:
+        gbs = saved // meta["step"]
+        raise CheckpointError(
+            f"checkpoint error: {ckpt}: saved after sample {saved} (step {meta['step']} x global batch {gbs}), "
+            f"train.global_batch_size={cfg.train.global_batch_size} would resume after sample {here}; "
+            f"resume with train.global_batch_size={gbs} (the data-parallel size may change, the global batch "
+            "may not)")
+
+
+def data_parallel_change(cfg, meta: dict, world_size: int) -> Optional[str]:
+    """One log line when a resume changes the data-parallel size (e.g. an elastic restart on fewer
+    nodes): the global batch stays, the micro-batches per rank and step follow (global batch /
+    (micro batch x DP)), and the data stream continues at the checkpoint's sample."""
+    saved = meta.get("parallel", {}).get("data_parallel_size")
+    now = cfg.data_parallel_size(world_size)
+    if saved is None or saved == now:
+        return None
+    t = cfg.train
+    old_micro = t.global_batch_size // (t.micro_batch_size * saved) if t.global_batch_size % (
+        t.micro_batch_size * saved) == 0 else "?"
+    new_micro = t.global_batch_size // (t.micro_batch_size * now)
+    kind = "distributed optimizer state resharded over DP" if cfg.parallel.use_distributed_optimizer \
+        else "optimizer state per parameter"
+    return (f"data-parallel size {saved} -> {now} (world {meta['parallel'].get('world_size')} -> {world_size}): "
+            f"global batch {t.global_batch_size} unchanged, {old_micro} -> {new_micro} micro-batches per rank "
+            f"and step, continuing after sample {meta['step'] * t.global_batch_size}; {kind}")

@@ -136,13 +136,19 @@ def _parallel(fn, items: list):
         return list(pool.map(fn, items))
 
 
-def file_entries(root: Path, algorithm: Optional[str] = None) -> dict[str, dict]:
-    """Every file under ``root`` but the manifest: {relative path: {"size": bytes, algorithm: hex}}."""
+def file_entries(root: Path, algorithm: Optional[str] = None, known: Optional[dict] = None) -> dict[str, dict]:
+    """Every file under ``root`` but the manifest: {relative path: {"size": bytes, algorithm: hex}}.
+    ``known``: entries already computed by the process that wrote those files (each rank hashes its
+    own shards right after writing them); used when the size and algorithm agree, else re-hashed."""
     algorithm = algorithm or hash_name()
+    known = known or {}
     sizes = file_sizes(root)
-    names = sorted(sizes)
+    reused = {n: e for n, e in known.items()
+              if n in sizes and e.get("size") == sizes[n] and set(e) == {"size", algorithm}}
+    names = sorted(set(sizes) - set(reused))
     digests = _parallel(lambda n: file_digest(root / n, algorithm), names)
-    return {n: {"size": sizes[n], algorithm: d} for n, d in zip(names, digests)}
+    entries = reused | {n: {"size": sizes[n], algorithm: d} for n, d in zip(names, digests)}
+    return dict(sorted(entries.items()))
 
 
 def signing_key() -> Optional[bytes]:
@@ -299,11 +305,11 @@ def verify_files(ckpt: Path, entries: dict) -> None:
             raise CheckpointError(problem)
 
 
-def write_manifest(ckpt: Path, meta: dict) -> None:
-    """Add the file list with content digests to ``meta``, sign it when ``REXMOE_CHECKPOINT_KEY`` is
-    set, and write it durably (the last file of a checkpoint)."""
+def write_manifest(ckpt: Path, meta: dict, known: Optional[dict] = None) -> None:
+    """Add the file list with content digests to ``meta`` (``known``: see :func:`file_entries`), sign
+    it when ``REXMOE_CHECKPOINT_KEY`` is set, and write it durably (the last file of a checkpoint)."""
     meta["format"] = FORMAT_VERSION
-    meta["files"] = file_entries(ckpt)
+    meta["files"] = file_entries(ckpt, known=known)
     meta.pop("signature", None)
     key = signing_key()
     if key is not None:

@@ -17,19 +17,39 @@ written again (e.g. after loading an older checkpoint, or a damaged newer one). 
 save (ENOSPC...) is one CheckpointError line naming the path and errno; the partial ``.tmp`` is
 removed and the previous checkpoint and pointer are untouched.
 
+Asynchronous saves (``checkpoint.async_save``, megatron-core's async dist-checkpointing). The shards
+are planned and ``common.pt`` written in the training loop; the shard files are then written by a
+forked process (megatron's TemporalAsyncCaller: the fork is a copy-on-write snapshot of this rank's
+state on CPU; on a GPU megatron copies the state to host memory first) while training continues.
+That process also hashes the files it wrote, so each rank digests its own shards. The checkpoint is
+finalized by :meth:`CheckpointManager.finalize` (collective; the trainer calls it after every step
+without waiting, and waiting before a new save, the final save and a pre-emption exit): once every
+rank's write is done, megatron writes ``.metadata``, the digests are gathered to rank 0, and rank 0
+writes the manifest, renames and replaces the pointer exactly as a blocking save does. So the
+pointer never names a checkpoint whose files are not all written, and a process killed while the
+background write runs leaves the previous checkpoint as the one that resumes (the ``.tmp`` is
+removed at the next start). After an async save the older ``iter_*`` dirs are pruned by a thread
+(joined before the next save renames anything, and by a blocking finalize). The persistent (spawned)
+worker is not used: it would receive CPU tensors through shared memory that training keeps
+updating, i.e. no snapshot.
+
 Fault injection for the tests goes through :func:`set_fault_hook`: production code only names the
-points of a save (``SAVE_POINTS``) and calls a hook that does nothing unless a test installs one.
+points of a save (``SAVE_POINTS``; ``WRITER_POINTS`` run in the process that writes the shards) and
+calls a hook that does nothing unless a test installs one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno as errno_names
+import multiprocessing
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,10 +74,14 @@ require_installed()  # megatron-facing
 
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 SAVE_POINTS = ("start", "after_shards", "after_meta", "before_rename", "after_rename",
                "pointer_tmp", "after_pointer", "mid_prune")
+# in the shard-writing process (forked for an async save), after this rank's shard files are written
+# and before their digests: the save is not finalized, the pointer names the previous checkpoint
+WRITER_POINTS = ("async_write",)
 _fault_hook: Optional[Callable[[str, int], None]] = None
 
 
@@ -130,6 +154,73 @@ def describe_os_error(err: OSError, fallback: Path) -> str:
     return f"{err.filename or fallback}: [{name}] {err.strerror or err}"
 
 
+def _set_parent_death_signal() -> None:
+    """Linux: this (forked writer) process gets SIGKILL when the trainer dies, so a killed trainer
+    does not leave a writer behind that keeps writing into a ``.tmp`` the next start removes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_then_digest(write_fn: Callable, sink: Callable[[dict], None], algorithm: str, step: int,
+                       forked: bool, *args, **kwargs) -> None:
+    """megatron's shard writer (``FileSystemWriterAsync.write_preloaded_data_multiproc``, args
+    ``(rank, write_buckets, results_queue)``), then the size and content digest of each file this
+    rank wrote, handed to ``sink``. Runs in the forked writer process for an async save, so the
+    training loop never waits for hashing. A failed write sends nothing: megatron's finalize step
+    reports the failure on every rank."""
+    if forked:
+        _set_parent_death_signal()
+    write_fn(*args, **kwargs)
+    _at("async_write", step)
+    files = [(Path(bucket[0]), bucket[1]) for bucket in args[1]]
+    try:
+        digests = layout._parallel(lambda f: layout.file_digest(f[0], algorithm), files)
+        sink({name: {"size": path.stat().st_size, algorithm: d} for (path, name), d in zip(files, digests)})
+    except OSError:
+        sink({})
+
+
+class _Digests:
+    """This rank's file digests from the writer: a pipe from the forked process, or a list in-process."""
+
+    def __init__(self, forked: bool) -> None:
+        self.forked = forked
+        if forked:
+            self._recv, self._send = multiprocessing.get_context("fork").Pipe(duplex=False)
+            self.sink = self._send.send
+        else:
+            self._box: list = []
+            self.sink = self._box.append
+
+    def take(self) -> dict:
+        """After the writer has finished (finalize runs only then): what it sent, {} if nothing."""
+        if not self.forked:
+            return self._box[0] if self._box else {}
+        try:
+            return self._recv.recv() if self._recv.poll() else {}
+        except (EOFError, OSError):
+            return {}
+        finally:
+            self._recv.close()
+            self._send.close()
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    step: int
+    tmp: Path
+    final: Path
+    manifest: dict  # taken when the save started (skipped_steps moves on while the files are written)
+    digests: _Digests
+    started: float  # time.perf_counter() at the start of the save
+    blocking_s: float = 0.0  # time the training loop spent in save() and in the finalize() that completed it
+    polls_s: float = 0.0  # in finalize() calls that found a write still running (one all_reduce each)
+
+
 class NonFiniteWeights(RuntimeError):
     """The weights are not finite: saving them would replace a good checkpoint with a bad one."""
 
@@ -161,6 +252,14 @@ class CheckpointManager:
         self.root = layout.save_root(cfg)
         self.loaded: Optional[tuple[int, str]] = None  # (step, manifest digest) of what load() read
         self.saved_step: Optional[int] = None  # the step this process wrote (or verified on disk)
+        self._async_calls: Optional[AsyncCallsQueue] = None  # created at the first async save
+        self._pending: Optional[_PendingSave] = None  # the async save not finalized yet
+        self._finalize_error: Optional[str] = None
+        self._config_yaml: Optional[str] = None  # config.yaml of every save (the config does not change)
+        self._pruner: Optional[threading.Thread] = None  # an async save's pruning of older iter_* dirs
+        # per finalized save: (step, seconds the training loop was blocked by save() and the finalize()
+        # that completed it, seconds from start to pointer, seconds in finalize() polls before that)
+        self.save_times: list[tuple[int, float, float, float]] = []
 
     # ----------------------------------------------------------------------------------------------
     def _sharded_state(self, *, is_loading: bool, optimizer: bool, rng: bool) -> dict:
@@ -191,8 +290,14 @@ class CheckpointManager:
             "megatron_backend": "torch_dist",
         }
 
-    def save(self) -> Path:
-        """Save the state at ``train_state.step`` (collective)."""
+    def save(self, blocking: Optional[bool] = None) -> Path:
+        """Save the state at ``train_state.step`` (collective). ``blocking=None`` follows
+        ``checkpoint.async_save``: an async save returns once the shard writer is started, and
+        :meth:`finalize` completes it; ``blocking=True`` returns with the pointer naming the step.
+        A save still in flight is finalized first (one save in flight at a time)."""
+        entered = time.perf_counter()
+        self.finalize(blocking=True)
+        asynchronous = self.cfg.checkpoint.async_save if blocking is None else not blocking
         step = self.train_state.step
         root = self.root
         final, tmp = root / layout.iter_name(step), root / (layout.iter_name(step) + ".tmp")
@@ -222,12 +327,14 @@ class CheckpointManager:
             return final
         dist.barrier()
         start = time.perf_counter()
-        error = None
+        error, request = None, None
         try:
             _at("start", step)
             sd = self._sharded_state(is_loading=False, optimizer=True, rng=True)
-            dist_checkpointing.save(sd, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
-                                    validate_access_integrity=True)
+            # megatron plans the save and writes common.pt here; the shards are written by `request`
+            request = dist_checkpointing.save(
+                sd, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+                validate_access_integrity=True, async_sharded_save=True)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - ENOSPC & co.: see _save_failed
             error = self._save_failed(step, tmp, err)
         # every rank learns whether any rank failed (a rank that raised alone would hang the others)
@@ -238,21 +345,119 @@ class CheckpointManager:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(error)
-        _at("after_shards", step)
         chain = _global_max(chain_length(self.optimizer.optimizer))
+        pending = _PendingSave(step, tmp, final, self._manifest(step, chain), _Digests(asynchronous), start)
+        request = self._with_digests_and_finalize(request, pending, forked=asynchronous)
+        self.saved_step = step
+        if asynchronous:
+            if self._async_calls is None:
+                self._async_calls = AsyncCallsQueue(persistent=False)
+            self._async_calls.schedule_async_request(request)
+            self._pending = pending
+            self._account(pending, time.perf_counter() - entered)
+            return final
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()
+        if request.async_fn is not None:
+            request.async_fn(*args, **request.async_fn_kwargs)
+        dist.barrier()
+        self._pending = pending
+        for finalize_fn in request.finalize_fns:
+            finalize_fn()
+        self._account(pending, time.perf_counter() - entered)
+        self._raise_finalize_error()
+        return final
+
+    def _with_digests_and_finalize(self, request: AsyncRequest, pending: _PendingSave, forked: bool) -> AsyncRequest:
+        """megatron's request with the writer followed by this rank's digests, and megatron's
+        finalize steps (``.metadata``, ``metadata.json``) followed by the manifest, rename and pointer."""
+        write_fn = request.async_fn
+        if write_fn is not None:
+            write_fn = partial(_write_then_digest, write_fn, pending.digests.sink, layout.hash_name(),
+                               pending.step, forked)
+        finalize = partial(self._finalize_save, pending, list(request.finalize_fns))
+        return AsyncRequest(write_fn, request.async_fn_args, [finalize], request.async_fn_kwargs,
+                            preload_fn=request.preload_fn)
+
+    def _finalize_save(self, pending: _PendingSave, megatron_finalize: list) -> None:
+        """Collective, once every rank's shards are written: megatron's finalize steps, then rank 0
+        writes the manifest from the gathered digests, renames and moves the pointer. Errors are kept
+        in ``_finalize_error`` (one line, the same on every rank) and raised by the caller, outside
+        megatron's queue."""
+        step, tmp = pending.step, pending.tmp
+        rank = dist.get_rank()
         error = None
-        if rank == 0:
+        try:
+            for fn in megatron_finalize:
+                fn()
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - a writer's OSError: one line
+            error = self._save_failed(step, tmp, err)
+        if error is None:
+            _at("after_shards", step)
+        mine = pending.digests.take()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (error, {} if error else mine))
+        error = next((e for e, _ in gathered if e), None)
+        if error is None and rank == 0:
+            known = {}
+            for _, digests in gathered:
+                known.update(digests)
             try:
-                self._finish(root, tmp, final, step, chain)
+                self._finish(self.root, tmp, pending.final, step, pending.manifest, known,
+                             prune_in_background=pending.digests.forked)
             except OSError as err:
                 error = self._save_failed(step, tmp, err)
         error = _broadcast_object(error)
+        self._pending = None
+        if error:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._finalize_error = error
+            return
+        dist.barrier()
+        self.train_state.last_saved_step = step
+        total = time.perf_counter() - pending.started
+        self.save_times.append((step, pending.blocking_s, total, pending.polls_s))
+        how = "in the background" if pending.digests.forked else "blocking"
+        self.log(f"[checkpoint] saved step {step} to {pending.final} in {total:.1f} s ({how})")
+
+    def finalize(self, blocking: bool = False) -> bool:
+        """Complete the async save in flight once every rank's write is done (collective: every rank
+        calls it at the same point; one all_reduce while a save is in flight, nothing otherwise).
+        ``blocking`` waits for the writers. True when no save is left in flight. A failed save raises
+        CheckpointError on every rank (the previous checkpoint and the pointer are untouched)."""
+        if self._async_calls is None or not self._async_calls.get_num_unfinalized_calls():
+            if blocking:
+                self._join_pruner()
+            return True
+        entered, pending = time.perf_counter(), self._pending
+        self._async_calls.maybe_finalize_async_calls(blocking=blocking)
+        if pending is not None and self._pending is pending:  # still written: this was a poll
+            pending.polls_s += time.perf_counter() - entered
+        elif pending is not None:
+            self._account(pending, time.perf_counter() - entered)
+        if blocking:
+            self._join_pruner()
+        self._raise_finalize_error()
+        return not self._async_calls.get_num_unfinalized_calls()
+
+    def _account(self, pending: _PendingSave, seconds: float) -> None:
+        """Time the training loop spent blocked on ``pending`` (save_times holds it once finalized)."""
+        pending.blocking_s += seconds
+        if self.save_times and self.save_times[-1][0] == pending.step and self._pending is None:
+            step, _, total, polls = self.save_times[-1]
+            self.save_times[-1] = (step, pending.blocking_s, total, polls)
+
+    @property
+    def save_in_flight(self) -> Optional[int]:
+        """The step of the async save not finalized yet, or None."""
+        return self._pending.step if self._pending is not None else None
+
+    def _raise_finalize_error(self) -> None:
+        error, self._finalize_error = self._finalize_error, None
         if error:
             raise CheckpointError(error)
-        dist.barrier()
-        self.train_state.last_saved_step = self.saved_step = step
-        self.log(f"[checkpoint] saved step {step} to {final} in {time.perf_counter() - start:.1f} s")
-        return final
 
     def _on_disk_is_loaded(self, step: int, final: Path) -> bool:
         """Rank 0: the pointer names ``step`` and ``final`` is, byte for byte, what load() read."""
@@ -281,13 +486,23 @@ class CheckpointManager:
         return (f"checkpoint error: saving step {step} failed: {where}; the previous checkpoint "
                 f"({'step ' + str(kept) if kept else 'none'}) and {layout.TRACKER} are untouched")
 
-    def _finish(self, root: Path, tmp: Path, final: Path, step: int, chain: int) -> None:
-        """Rank 0: config, manifest, fsync, rename, pointer, prune."""
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def _finish(self, root: Path, tmp: Path, final: Path, step: int, manifest: dict, known: dict,
+                prune_in_background: bool = False) -> None:
+        """Rank 0: config, manifest (``known``: the digests each rank computed of its own files),
+        fsync, rename, pointer, prune."""
         from omegaconf import OmegaConf
 
-        config = self.resolved_config or dataclasses.asdict(self.cfg)
-        layout.write_durable(tmp / layout.CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
-        layout.write_manifest(tmp, self._manifest(step, chain))
+        if self._config_yaml is None:
+            config = self.resolved_config or dataclasses.asdict(self.cfg)
+            self._config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
+        self._join_pruner()  # the previous save's pruning, before this one renames and prunes
+        layout.write_durable(tmp / layout.CONFIG, self._config_yaml)
+        layout.write_manifest(tmp, manifest, known=known)
         _at("after_meta", step)
         layout.fsync_tree(tmp)
         _at("before_rename", step)
@@ -306,7 +521,13 @@ class CheckpointManager:
         _at("after_rename", step)
         layout.replace_pointer(root, step, before_replace=lambda: _at("pointer_tmp", step))
         _at("after_pointer", step)
-        layout.prune(root, step, self.cfg.checkpoint.keep_last_n, after_first=lambda: _at("mid_prune", step))
+        prune = partial(layout.prune, root, step, self.cfg.checkpoint.keep_last_n,
+                        after_first=lambda: _at("mid_prune", step))
+        if prune_in_background:  # unlinking a large checkpoint is not the training loop's business
+            self._pruner = threading.Thread(target=prune, name="rexmoe-checkpoint-prune")
+            self._pruner.start()
+        else:
+            prune()
 
     # ----------------------------------------------------------------------------------------------
     def load(self) -> Optional[LoadResult]:
@@ -360,6 +581,9 @@ class CheckpointManager:
         if not same_layout:
             notes.append("resharded from " + compatibility._describe_layout(meta["parallel"]) +
                          f", world {meta['parallel']['world_size']}; RNG state not restored")
+            dp_change = compatibility.data_parallel_change(cfg, meta, world)
+            if dp_change:
+                notes.append(dp_change)
         padded = meta.get("padded_vocab_size")
         if padded is not None and padded != self.padded_vocab_size:
             # megatron loads the embedding/output rows it has (allow_shape_mismatch); new rows are zero,

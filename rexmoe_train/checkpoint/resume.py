@@ -35,6 +35,7 @@ RULES: list[tuple[str, str]] = [
     # implementation and memory choices: the same function, computed another way
     ("model.transformer_impl", "apply"),
     ("model.moe_grouped_gemm", "apply"),
+    ("model.moe_ffn_pad_multiple", "apply"),  # checkpoints hold the unpadded experts (expert_padding.py)
     ("model.recompute_granularity", "apply"),
     ("model.recompute_method", "apply"),
     ("model.recompute_num_layers", "apply"),
@@ -61,6 +62,7 @@ RULES: list[tuple[str, str]] = [
     ("data.cache_dir", "free"),
     ("run", "free"),
     ("checkpoint", "free"),
+    ("resilience", "free"),  # timeouts, watchdog budgets, straggler report: how the run is watched
 ]
 
 
@@ -86,10 +88,17 @@ def _why(key: str) -> str:
     return WHY_REFUSE.get(best, "cannot change on resume")
 
 
+# Fields added to the schema after checkpoints existed, whose absence means a value other than today's
+# default: every run before rexmoe.psr.mask_draw drew its PSR masks afresh each step.
+IMPLIED_WHEN_ABSENT = {"rexmoe.psr.mask_draw": "per_step"}
+
+
 def compare(saved: dict, current: dict, where: str) -> list[str]:
     """The changes to apply, as log lines; raises CheckpointError (one line) on the first refused one.
-    Fields one side lacks (added to the schema later) count as unchanged."""
+    Fields one side lacks (added to the schema later) count as unchanged, except those whose absence
+    implies a value (IMPLIED_WHEN_ABSENT)."""
     old, new = _flatten(saved), _flatten(current)
+    old = {**{k: v for k, v in IMPLIED_WHEN_ABSENT.items() if k in new}, **old}
     applied = []
     for key in sorted(set(old) & set(new)):
         if old[key] == new[key] or _numerically_equal(old[key], new[key]):

@@ -7,7 +7,9 @@ validates the result into typed dataclasses before anything is built, then train
 Exit status: 0 done; 2 a bad value, override, layout or checkpoint (one line on stderr, from rank 0
 only under torchrun); 75 pre-empted (SIGTERM/SIGUSR1) or out of time (checkpoint.exit_duration_mins),
 checkpoint saved: run again to resume; 3 halted after more than checkpoint.max_skipped_steps
-non-finite steps. See docs/reliability.md.
+non-finite steps; 130 Ctrl-C (checkpoint saved at the step boundary; a second Ctrl-C stops at once);
+76 a watchdog budget overran (stacks under run.dir/hang/); 77 a peer rank went away; 1 an exception
+(one line, the traceback under run.dir/logs/). See docs/reliability.md.
 
 ``--cfg`` prints the composed config and exits; ``--check`` validates it (with the layout checks when
 ``--world-size N`` is given, as launch/torchrun.sh does before starting N processes) and exits.
@@ -157,8 +159,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ck = experiment.checkpoint
     early: list[int] = []
     if ck.exit_signal_handler:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: early.append(signum))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: die with the agent, never outlive it
+        from rexmoe_train.core.attempts import die_with_parent
+
+        die_with_parent()
     import logging
     import warnings
 
@@ -177,24 +183,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signals = guard.StopSignals(ck.exit_signal_handler, ck.exit_duration_mins, time.monotonic())
     signals.install()  # replaces the bridge with no gap (uninstalling puts the bridge back: harmless)
     if early and signals.received is None:
-        signals.received = early[0]
+        signals.received = early[-1] if signal.SIGINT in early else early[0]
+        if signals.received == signal.SIGINT:
+            signals.interrupted_at = time.monotonic()
     from rexmoe_train.checkpoint import CheckpointError
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
+    trainer = None
     try:
-        trainer = Trainer(experiment, resolved_config=composed.resolved, signals=signals)
-    except (ConfigError, CheckpointError) as err:  # layout checks; a missing/bad/mismatched checkpoint
-        _fail(str(err))
-    except OSError as err:  # a full disk or unwritable run dir while starting: one line naming it
-        _fail(f"error: {_describe_os_error(err)}")
-    try:
-        history = trainer.run()
-    except guard.TrainingHalted as err:
-        _fail(str(err), guard.EXIT_HALTED)
-    except CheckpointError as err:  # a save that failed (ENOSPC...): the previous checkpoint stands
-        _fail(str(err))
-    except OSError as err:
-        _fail(f"error: {_describe_os_error(err)}")
+        try:
+            trainer = Trainer(experiment, resolved_config=composed.resolved, signals=signals)
+        except (ConfigError, CheckpointError) as err:  # layout checks; a missing/bad/mismatched checkpoint
+            _fail(str(err))
+        except OSError as err:  # a full disk or unwritable run dir while starting: one line naming it
+            _fail(f"error: {_describe_os_error(err)}")
+        try:
+            history = trainer.run()
+        except guard.TrainingHalted as err:
+            _fail(str(err), guard.EXIT_HALTED)
+        except CheckpointError as err:  # a save that failed (ENOSPC...): the previous checkpoint stands
+            _fail(str(err))
+        except OSError as err:
+            _fail(f"error: {_describe_os_error(err)}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without the traceback
+        if _is_rank0():
+            print(f"rexmoe-train: stopped at once (second Ctrl-C) at step {trainer.step if trainer else 0}; "
+                  "rerun to resume from the last checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(guard.EXIT_INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 -- anything else: one line, the traceback in run.dir/logs
+        from rexmoe_train.training.failures import record_crash
+
+        code = record_crash(err, experiment.run.dir, int(os.environ.get("RANK", "0")),
+                            trainer.step if trainer else None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # WHY os._exit: peers may be gone; interpreter teardown would block on their process groups
+        os._exit(code)
     if trainer.rank == 0:
         last = next((h for h in reversed(history) if "loss" in h), None)
         evals = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from rexmoe_train.core.errors import ConfigError
+from rexmoe_train.core.psr import MASK_DRAWS as PSR_MASK_DRAWS
 from rexmoe_train.core.psr import SCHEDULES as PSR_SCHEDULE_KINDS
 from rexmoe_train.core.reuse import ReusePlan
 
@@ -64,6 +65,7 @@ def _choice(name: str, *values: str) -> type[Choice]:
 Gating = _choice("Gating", "softmax_then_topk", "topk_then_softmax", "sigmoid")
 PSRScheduleKind = _choice("PSRScheduleKind", *PSR_SCHEDULE_KINDS)  # core/psr.py owns the list
 PSRMaskOn = _choice("PSRMaskOn", "scores", "logits")
+PSRMaskDraw = _choice("PSRMaskDraw", *PSR_MASK_DRAWS)  # core/psr.py owns the list
 BalanceScope = _choice("BalanceScope", "micro_batch", "global_batch")
 ExpertBiasScope = _choice("ExpertBiasScope", "router", "physical")
 GateNormalization = _choice("GateNormalization", "none", "renorm_topk", "scale_candidates")
@@ -80,6 +82,7 @@ FP8Recipe = _choice("FP8Recipe", "delayed", "tensorwise", "blockwise")
 GATINGS = Gating.values()
 PSR_SCHEDULES = PSRScheduleKind.values()
 PSR_MASK_ON = PSRMaskOn.values()
+PSR_MASK_DRAW = PSRMaskDraw.values()
 BALANCE_SCOPES = BalanceScope.values()
 EXPERT_BIAS_SCOPES = ExpertBiasScope.values()
 GATE_NORMALIZATIONS = GateNormalization.values()
@@ -96,6 +99,11 @@ FP8_RECIPES = FP8Recipe.values()
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+# Transformer Engine's fp8 GEMMs (cuBLASLt, TN layout on Hopper) need every reduction dimension, i.e.
+# every weight's input width, to be a multiple of 16 elements, for all three recipes ("Leading
+# dimension requirement on A for FP8 GEMM. Caller must pad.", common/gemm/cublaslt_gemm.cu); token
+# rows are padded by megatron's Fp8Padding (16 for these recipes, TE 2.11 get_align_size_for_quantization).
+FP8_GEMM_MULTIPLE = 16
 
 
 @dataclass
@@ -107,11 +115,16 @@ class PSRConfig:
     end_step: int = 1
     mask_on: str = "scores"  # scores: zero post-softmax scores (paper); logits: -inf before softmax
     protect_local: bool = False  # keep a layer's own N experts always available
+    # per_step: a fresh random mask every optimizer step (the paper); nested: one random order of the
+    # candidates per layer for the whole run, the first N_t of it available, so a candidate once
+    # opened stays open (docs/ablation_tiny.md section 5: the per-step redraw is what costs)
+    mask_draw: str = "per_step"
     seed: Optional[int] = None  # mask seed; defaults to train.seed
 
     def validate(self, path: str = "rexmoe.psr") -> None:
         _one_of(f"{path}.schedule", self.schedule, PSR_SCHEDULES)
         _one_of(f"{path}.mask_on", self.mask_on, PSR_MASK_ON)
+        _one_of(f"{path}.mask_draw", self.mask_draw, PSR_MASK_DRAW)
         _at_least(f"{path}.start_step", self.start_step, 0)
         _at_least(f"{path}.end_step", self.end_step, 0)
         if self.seed is not None:
@@ -219,6 +232,11 @@ class ModelConfig:
     # megatron's SequentialMLP loop, auto: grouped on a GPU, the loop on CPU (where it measured no
     # faster; model/experts.py, bank_class). The transformer_engine path is always grouped.
     moe_grouped_gemm: Any = "auto"  # auto | true | false (Megatron's name)
+    # The expert bank stores fc1/fc2 with the FFN width padded to a multiple of this (zero rows of fc1,
+    # zero columns of fc2: they change no output and get zero gradients; checkpoints and exports hold
+    # the unpadded moe_ffn_hidden_size; model/expert_padding.py). null: FP8_GEMM_MULTIPLE (16) under
+    # train.fp8, no padding otherwise (e.g. the 2.3B's 744 -> 752 in fp8); 1: never pad.
+    moe_ffn_pad_multiple: Optional[int] = None
     # Activation recompute, megatron's fields and semantics: full recomputes whole layers
     # (recompute_method uniform: chunks of recompute_num_layers layers; block: the first
     # recompute_num_layers layers of each pipeline stage); selective recomputes recompute_modules
@@ -280,6 +298,14 @@ class ModelConfig:
 
         return platform.HAS_CUDA or self.resolved_transformer_impl() == "transformer_engine"
 
+    def expert_ffn_stored_size(self, fp8: Optional[str]) -> int:
+        """The FFN width the expert bank stores: moe_ffn_hidden_size rounded up to
+        ``moe_ffn_pad_multiple`` (null: FP8_GEMM_MULTIPLE when ``fp8`` is set, else no padding)."""
+        multiple = self.moe_ffn_pad_multiple
+        if multiple is None:
+            multiple = FP8_GEMM_MULTIPLE if fp8 is not None else 1
+        return -(-self.moe_ffn_hidden_size // multiple) * multiple
+
     def resolved_transformer_impl(self) -> str:
         """"local" or "transformer_engine": auto is TE exactly when the platform has TE on a GPU."""
         if self.transformer_impl != "auto":
@@ -330,6 +356,8 @@ class ModelConfig:
         if not (self.moe_grouped_gemm is True or self.moe_grouped_gemm is False
                 or self.moe_grouped_gemm == "auto"):
             _fail(f"{path}.moe_grouped_gemm", self.moe_grouped_gemm, "must be one of auto, true, false")
+        if self.moe_ffn_pad_multiple is not None:
+            _at_least(f"{path}.moe_ffn_pad_multiple", self.moe_ffn_pad_multiple, 1)
         self._validate_recompute(path)
         if not 0 < self.norm_epsilon < 1:
             _fail(f"{path}.norm_epsilon", self.norm_epsilon, "must be in (0, 1)")
@@ -447,7 +475,7 @@ class DataConfig:
     # indexed only (rexmoe_train/data/indexed.py):
     blend: Optional[list] = None  # [w1, prefix1, w2, prefix2, ...], or [prefix, ...] (weights by size)
     split: str = "98,2,0"  # train,valid,test shares of each dataset's documents
-    tokenizer: str = "byte"  # byte | path to the tokenizer.json the data was preprocessed with
+    tokenizer: str = "byte"  # byte | the tokenizer.json or Hugging Face tokenizer folder the data was preprocessed with
     cache_dir: Optional[str] = None  # megatron's sample-index cache; None: <run.dir>/data_cache
 
     def blend_spec(self, path: str = "data") -> tuple[list[str], Optional[list[float]]]:
@@ -491,7 +519,8 @@ class DataConfig:
         if self.max_bytes is not None:
             _at_least(f"{path}.max_bytes", self.max_bytes, 1)
         if not self.tokenizer or not self.tokenizer.strip():
-            _fail(f"{path}.tokenizer", self.tokenizer, "must be byte or a path to a tokenizer.json")
+            _fail(f"{path}.tokenizer", self.tokenizer,
+                  "must be byte or a path to a tokenizer.json or a Hugging Face tokenizer folder")
         if self.cache_dir is not None and not self.cache_dir.strip():
             _fail(f"{path}.cache_dir", self.cache_dir, "must be null or a non-empty path")
         if self.source == "embedded":
@@ -557,6 +586,11 @@ class CheckpointConfig:
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save at the next step boundary, exit 75
     exit_duration_mins: Optional[float] = None  # wall-clock budget: save and exit 75 when spent
     max_skipped_steps: int = 10  # non-finite loss/grad-norm steps skipped before halting
+    # Interval saves are written by a background process (megatron's async save) while training goes
+    # on; the pointer moves only once every rank's files are written and verified. The final and the
+    # pre-emption saves are always waited for. On by default: the guarantees are those of a blocking
+    # save, and the cost is one host copy of this rank's state while it is written (docs/reliability.md).
+    async_save: bool = True
 
     def validate(self, path: str = "checkpoint") -> None:
         for name in ("save", "load"):
@@ -573,6 +607,41 @@ class CheckpointConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    """Collective timeouts, the hang watchdog and the straggler report (training/watchdog.py,
+    training/straggler.py; docs/reliability.md). Times in seconds; a budget of null turns its check off."""
+
+    # collective timeout while starting (process groups, data, checkpoint load, the first step),
+    # then the tighter one once training runs: a collective blocked this long raises on every rank
+    init_timeout_s: float = 900.0
+    train_timeout_s: float = 600.0
+    # watchdog budgets: a section that overruns dumps every live rank's stacks and flight-recorder
+    # trace under <run.dir>/hang/ and exits 76 (the launcher restarts). Below train_timeout_s, so the
+    # evidence is written before a collective times out. The first step of a process gets init_timeout_s.
+    step_timeout_s: Optional[float] = 300.0
+    eval_timeout_s: Optional[float] = 300.0
+    save_timeout_s: Optional[float] = 1800.0
+    # straggler report: every train.log_interval the per-rank busy time per step (step time less the
+    # time spent waiting in collectives) is gathered; a rank slower than the median by more than
+    # straggler_threshold (a fraction) and straggler_min_excess_s, for straggler_intervals logged
+    # intervals in a row, is named in the log and in metrics.jsonl ("straggler")
+    straggler_report: bool = True
+    straggler_threshold: float = 0.25
+    straggler_min_excess_s: float = 0.05
+    straggler_intervals: int = 5
+
+    def validate(self, path: str = "resilience") -> None:
+        for name in ("init_timeout_s", "train_timeout_s"):
+            _positive(f"{path}.{name}", getattr(self, name))
+        for name in ("step_timeout_s", "eval_timeout_s", "save_timeout_s"):
+            if getattr(self, name) is not None:
+                _positive(f"{path}.{name}", getattr(self, name))
+        _positive(f"{path}.straggler_threshold", self.straggler_threshold)
+        _at_least(f"{path}.straggler_min_excess_s", self.straggler_min_excess_s, 0.0)
+        _at_least(f"{path}.straggler_intervals", self.straggler_intervals, 1)
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rexmoe: ReXMoEConfig = field(default_factory=ReXMoEConfig)
@@ -581,6 +650,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def validate(self, world_size: Optional[int] = None) -> ExperimentConfig:
         """Check every field and the cross-field rules. ``world_size`` adds the layout checks."""
@@ -591,6 +661,7 @@ class ExperimentConfig:
         self.data.validate()
         self.run.validate()
         self.checkpoint.validate()
+        self.resilience.validate()
         m, r, p = self.model, self.rexmoe, self.parallel
         if m.num_moe_layers % r.reuse_group_size and not r.allow_partial_last_group:
             _fail("rexmoe.reuse_group_size", r.reuse_group_size,
@@ -613,6 +684,13 @@ class ExperimentConfig:
             _fail("train.fp8", self.train.fp8,
                   "needs Transformer Engine (model.transformer_impl=local never uses it); use "
                   "model.transformer_impl=auto or transformer_engine, or train.fp8=null")
+        stored = m.expert_ffn_stored_size(self.train.fp8)
+        if stored != m.moe_ffn_hidden_size and p.expert_tensor_parallel_size > 1:
+            _fail("parallel.expert_tensor_parallel_size", p.expert_tensor_parallel_size,
+                  f"must be 1 while the expert bank pads model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} "
+                  f"to {stored} (model.moe_ffn_pad_multiple, train.fp8)")
+        if self.train.fp8 is not None:
+            self._validate_fp8_shapes()
         self.reuse_plan().check_pipeline_split(
             p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
             p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage,
@@ -620,6 +698,29 @@ class ExperimentConfig:
         if world_size is not None:
             self.validate_layout(world_size)
         return self
+
+    def _validate_fp8_shapes(self) -> None:
+        """What TE's fp8 GEMMs cannot run (FP8_GEMM_MULTIPLE), refused here in one line instead of a
+        cuBLASLt error mid-run. The expert FFN is padded by the bank unless moe_ffn_pad_multiple forbids it."""
+        m, p, t, k = self.model, self.parallel, self.train, FP8_GEMM_MULTIPLE
+        why = f"must be a multiple of {k} with train.fp8={t.fp8!r} (Transformer Engine's fp8 GEMM)"
+        if m.expert_ffn_stored_size(t.fp8) % k:
+            _fail("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size,
+                  f"{why}; the expert bank pads it to model.moe_ffn_pad_multiple="
+                  f"{m.moe_ffn_pad_multiple}: set that to null (pads to {k}) or a multiple of {k}")
+        tp = p.tensor_model_parallel_size
+        widths = {"hidden_size": (m.hidden_size, m.hidden_size)}  # field: (value, per-rank GEMM width)
+        if m.kv_channels is not None:  # else heads * head_dim is hidden_size
+            widths["kv_channels"] = (m.kv_channels, m.kv_channels * m.num_attention_heads // tp)
+        if m.first_k_dense_layers:
+            ffn = m.ffn_hidden_size or 4 * m.hidden_size
+            widths["ffn_hidden_size"] = (ffn, ffn // tp)
+        if m.moe_shared_expert_intermediate_size is not None:
+            shared = m.moe_shared_expert_intermediate_size
+            widths["moe_shared_expert_intermediate_size"] = (shared, shared // tp)
+        for name, (value, width) in widths.items():
+            if width % k:
+                _fail(f"model.{name}", value, f"{why} (per-rank GEMM width {width})")
 
     def check_machine(self) -> ExperimentConfig:
         """What this machine must offer for the config: run when training starts, not in validate()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -24,10 +26,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
-    """Initialise the default process group if needed. Returns (rank, world_size)."""
+# torch's flight recorder (the last collectives of every group, dumped by training/watchdog.py on a
+# hang) records only when this is set before the groups are made; a ring of 2000 small entries
+FLIGHT_RECORDER_ENTRIES = "2000"
+
+
+def init_distributed(timeout_minutes: float = 30, timeout_s: Optional[float] = None) -> tuple[int, int]:
+    """Initialise the default process group if needed (collective timeout ``timeout_s``, else
+    ``timeout_minutes``). Returns (rank, world_size)."""
     if not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_minutes)
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
             dist.init_process_group(platform.dist_backend(), timeout=timeout)
         else:
@@ -38,17 +47,45 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
-    """(Re)initialise megatron's model-parallel groups for this layout and seed its RNG tracker."""
+def init_model_parallel(parallel: ParallelConfig, seed: int, timeout_s: Optional[float] = None) -> None:
+    """(Re)initialise megatron's model-parallel groups for this layout and seed its RNG tracker.
+    ``timeout_s``: their collective timeout (megatron's default: 30 minutes)."""
     parallel_state.destroy_model_parallel()
+    timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
     parallel_state.initialize_model_parallel(
+        **timeout,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
+    # The host generator too, as Megatron-LM's _set_random_seed does: megatron builds some weights on
+    # the CPU before they move to the GPU (the router's, "TODO: Add support for GPU initialization").
+    # Without this, on a GPU they come from an unseeded generator: train.seed does not change them and
+    # a second model in the process differs (tests/devicecheck). On CPU the tracker seeds it anyway.
+    torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def set_collective_timeout(timeout_s: float) -> int:
+    """Set the collective timeout of every live process group (the default one and megatron's), e.g.
+    from the long start-up timeout to the tighter training one. torch's ``_set_pg_timeout`` changes
+    the gloo and NCCL backends' timeout for collectives issued from now on. Returns the groups set."""
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        return 0
+    timeout = timedelta(seconds=timeout_s)
+    groups = list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", {})) or [dist.group.WORLD]
+    done = 0
+    for group in groups:
+        try:
+            distributed_c10d._set_pg_timeout(timeout, group)
+            done += 1
+        except ValueError:  # a group this rank is not a member of
+            continue
+    return done
 
 
 def destroy_model_parallel_groups() -> None:

@@ -2,8 +2,10 @@
 
 - SIGTERM / SIGUSR1 (or the wall-clock budget ``checkpoint.exit_duration_mins``) set a flag; the
   trainer saves at the next step boundary and exits 75 (``EXIT_PREEMPTED``: launch/slurm.sbatch
-  requeues). The handlers are installed before anything slow, so a signal during start-up (model
-  build, the step-0 evaluation) ends the run cleanly too.
+  requeues). Ctrl-C (SIGINT) is the same save-and-stop, exiting 130 (``EXIT_INTERRUPTED``: nothing
+  requeues or restarts it); a second Ctrl-C raises KeyboardInterrupt at once. The handlers are
+  installed before anything slow, so a signal during start-up (model build, the step-0 evaluation)
+  ends the run cleanly too.
 - A step whose loss or gradients are not finite is skipped (weights and LR schedule untouched);
   more than ``checkpoint.max_skipped_steps`` of them halt the run (``EXIT_HALTED``).
 """
@@ -22,6 +24,10 @@ from rexmoe_train import platform
 
 EXIT_PREEMPTED = 75  # pre-empted (signal) or out of time: checkpoint saved, requeue me
 EXIT_HALTED = 3  # too many non-finite steps
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpoint saved at the step boundary, not requeued
+# Under torchrun a Ctrl-C reaches a worker twice: from the terminal (same process group) and forwarded
+# by the agent a few milliseconds later. A SIGINT within this window of the first is that copy.
+DUPLICATE_SIGINT_S = 1.0
 
 
 class TrainingHalted(RuntimeError):
@@ -29,18 +35,38 @@ class TrainingHalted(RuntimeError):
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 set a flag; the trainer acts on it at the next step boundary."""
+    """SIGTERM / SIGUSR1 / SIGINT set a flag; the trainer acts on it at the next step boundary.
+    A second SIGINT (after DUPLICATE_SIGINT_S) raises KeyboardInterrupt: stop at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, enabled: bool, exit_duration_mins: Optional[float], start_time: float) -> None:
         self.enabled = enabled
         self.deadline = None if exit_duration_mins is None else start_time + 60.0 * exit_duration_mins
         self.received: Optional[int] = None
+        self.interrupted_at: Optional[float] = None  # monotonic time of the first SIGINT
+        self.agreed_interrupt = False  # set by step_flags / stop_requested: some rank got SIGINT
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.interrupted_at is None:
+                self.interrupted_at = now
+            elif now - self.interrupted_at > DUPLICATE_SIGINT_S:
+                raise KeyboardInterrupt
+        if self.received is None or signum == signal.SIGINT:
+            self.received = signum
+
+    def exit_code(self) -> int:
+        """75 for a pre-emption or the time budget, 130 after Ctrl-C (on any rank)."""
+        return EXIT_INTERRUPTED if self.agreed_interrupt else EXIT_PREEMPTED
+
+    def _level(self) -> float:
+        """0: no signal, 1: SIGTERM / SIGUSR1, 2: SIGINT (MAX over the ranks picks Ctrl-C)."""
+        if self.received is None:
+            return 0.0
+        return 2.0 if self.received == signal.SIGINT else 1.0
 
     def install(self) -> None:
         if not self.enabled or threading.current_thread() is not threading.main_thread():
@@ -75,16 +101,18 @@ def local_step_is_bad(losses: list, chunks: list) -> bool:
 
 def step_flags(bad: bool, signals: StopSignals) -> tuple[bool, bool, bool]:
     """All ranks agree (all_reduce MAX) on: skip this step, a signal arrived, out of time."""
-    signalled, out_of_time = signals.local_flags()
-    t = torch.tensor([float(bad), float(signalled), float(out_of_time)], device=platform.device())
+    _, out_of_time = signals.local_flags()
+    t = torch.tensor([float(bad), signals._level(), float(out_of_time)], device=platform.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    signals.agreed_interrupt = bool(t[1] > 1)
     return bool(t[0] > 0), bool(t[1] > 0), bool(t[2] > 0)
 
 
 
 def stop_requested(signals: StopSignals) -> tuple[bool, bool]:
     """All ranks agree (all_reduce MAX) on: a signal arrived, out of time. Outside a step."""
-    signalled, out_of_time = signals.local_flags()
-    t = torch.tensor([float(signalled), float(out_of_time)], device=platform.device())
+    _, out_of_time = signals.local_flags()
+    t = torch.tensor([signals._level(), float(out_of_time)], device=platform.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    signals.agreed_interrupt = bool(t[0] > 1)
     return bool(t[0] > 0), bool(t[1] > 0)

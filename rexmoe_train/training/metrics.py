@@ -86,7 +86,8 @@ def router_load(cfg, routers: list, step: int) -> dict:
     layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
     max_share = []
     for group in plan.groups:
-        schedule = PSRSchedule(psr.schedule, group.experts_per_layer, group.size, psr.start_step, psr.end_step)
+        schedule = PSRSchedule(psr.schedule, group.experts_per_layer, group.size, psr.start_step, psr.end_step,
+                               psr.mask_draw)
         candidates = candidates or schedule.num_candidates(step)
         group_load = load[list(group.moe_layers), : group.num_candidates]
         protect = None
@@ -134,10 +135,12 @@ def dispatch_bytes(dispatchers: list) -> dict[str, int]:
     return {name: int(v) for name, v in zip(BYTE_COUNTERS, total.tolist())}
 
 
-def throughput(cfg, padded_vocab: int, tokens: int, seconds: float, world_size: int) -> dict:
+def throughput(cfg, padded_vocab: int, tokens: int, seconds: float, world_size: int,
+               also_max: torch.Tensor | None = None) -> dict:
     """tokens/s, model TFLOP/s per device and MFU, with the honest count of core/flops.py (attention,
     the k active experts, the router over its r*N candidates, and the LM head; x3 for training), and
-    the peak memory of any rank (GPU: allocated; CPU: resident set size)."""
+    the peak memory of any rank (GPU: allocated; CPU: resident set size). ``also_max`` (float64) rides
+    on the memory's all_reduce(MAX) and is replaced by its reduction (the straggler report's gather)."""
     from rexmoe_train.core.flops import flops_per_token, peak_tflops, shape_from_experiment
 
     per_token = flops_per_token(shape_from_experiment(cfg, padded_vocab), cfg.rexmoe.reuse_group_size,
@@ -147,7 +150,12 @@ def throughput(cfg, padded_vocab: int, tokens: int, seconds: float, world_size: 
     precision = "fp8" if getattr(cfg.train, "fp8", None) else "bf16"
     peak = peak_tflops(platform.device_name(), precision, None)
     memory = torch.tensor([platform.max_memory_allocated_bytes()], dtype=torch.float64, device=platform.device())
+    if also_max is not None:
+        memory = torch.cat([memory, also_max.to(memory)])
     dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    if also_max is not None:
+        also_max.copy_(memory[1:])
+        memory = memory[:1]
     return {"tokens_per_s": round(tokens / seconds, 1), "tflops_per_device": round(tflops, 4),
             "mfu": round(tflops / peak, 4) if peak else None,
             "memory_gib": round(float(memory) / 2**30, 3)}

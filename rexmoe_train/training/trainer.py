@@ -31,10 +31,11 @@ from rexmoe_train.checkpoint.state import TrainState
 from rexmoe_train.config.schema import ConfigError, ExperimentConfig
 from rexmoe_train.data import micro_batches, valid_batches
 from rexmoe_train.data.sources import build_datasets
+from rexmoe_train.model import expert_padding
 from rexmoe_train.model.balance import expert_bias_ranges, update_expert_bias
 from rexmoe_train.model.gpt import build_model
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER
-from rexmoe_train.parallel.state import init_distributed, init_model_parallel
+from rexmoe_train.parallel.state import init_distributed, init_model_parallel, set_collective_timeout
 from rexmoe_train.training import guard
 from rexmoe_train.training.metrics import (
     balance_losses,
@@ -47,6 +48,8 @@ from rexmoe_train.training.metrics import (
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training
 from rexmoe_train.training.run_lock import RunLock
 from rexmoe_train.training.run_logger import RunLogger, trim_metrics
+from rexmoe_train.training.straggler import StragglerReport
+from rexmoe_train.training.watchdog import Watchdog
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -88,10 +91,10 @@ class Trainer:
             raise
 
     def _build(self, cfg: ExperimentConfig, resolved_config: Optional[dict]) -> None:
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(timeout_s=cfg.resilience.init_timeout_s)
         cfg.validate(self.world_size).check_machine()
         self._claim_run_dir(cfg)
-        init_model_parallel(cfg.parallel, cfg.train.seed)
+        init_model_parallel(cfg.parallel, cfg.train.seed, timeout_s=cfg.resilience.init_timeout_s)
         t = cfg.train
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -135,11 +138,23 @@ class Trainer:
             progress=cfg.run.progress, wandb_cfg=cfg.run.wandb, resolved_config=resolved_config)
         self.logger.write_json("data.json", self.data_info)
         self.logger.write_json("model.json", self.describe())
+        self._start_watching(cfg)
         if resumed:
             self.logger.message(f"[checkpoint] resumed from {resumed.path} at step {self.step}"
                                 + "".join(f"; {note}" for note in resumed.notes))
             for change in resumed.changes:
                 self.logger.message(change)
+
+    def _start_watching(self, cfg: ExperimentConfig) -> None:
+        """The hang watchdog and the straggler report (resilience: block; docs/reliability.md)."""
+        res = cfg.resilience
+        self.watchdog = Watchdog(cfg.run.dir, self.rank, self.world_size,
+                                 {"step": res.step_timeout_s, "eval": res.eval_timeout_s,
+                                  "save": res.save_timeout_s}, first_budget=res.init_timeout_s)
+        self.straggler = StragglerReport(
+            self.rank, self.world_size, res.straggler_threshold, res.straggler_min_excess_s,
+            res.straggler_intervals) if res.straggler_report and self.world_size > 1 else None
+        self._training_timeout_set = False
 
     def _claim_run_dir(self, cfg: ExperimentConfig) -> None:
         """Rank 0 locks run.dir for the whole run, then removes what a killed or failed save left
@@ -191,10 +206,12 @@ class Trainer:
         elif self.rank == 0:
             print(message, flush=True)
 
-    def save_checkpoint(self):
-        """Save the current step (collective). Non-finite weights halt the run instead."""
+    def save_checkpoint(self, blocking: Optional[bool] = None):
+        """Save the current step (collective). Non-finite weights halt the run instead. ``blocking``:
+        None follows checkpoint.async_save (CheckpointManager.save)."""
         try:
-            return self.checkpoints.save()
+            with self.watchdog.section("save", self.step):
+                return self.checkpoints.save(blocking=blocking)
         except NonFiniteWeights as err:
             raise guard.TrainingHalted(str(err)) from None
 
@@ -211,15 +228,20 @@ class Trainer:
                     local["experts"] += n
                 elif ".router." in name:
                     local["routers"] += n
-        counts = torch.tensor([local["total"], local["experts"], local["routers"]], dtype=torch.float64)
+            # the model's parameters, not the fp8 zero padding of the expert FFN (model/expert_padding.py)
+            pads = sum(expert_padding.padding_elements(module) for module in chunk.modules())
+            local["total"] -= pads
+            local["experts"] -= pads
         # Only ranks with tp=0, dp=0 count their stage once; experts are split over EP so add them all.
         c = parallel_state
         first_replica = c.get_tensor_model_parallel_rank() == 0 and c.get_data_parallel_rank() == 0
         expert_replica = c.get_expert_tensor_parallel_rank() == 0 and c.get_expert_data_parallel_rank() == 0
-        dense = torch.tensor([counts[0] - counts[1], counts[2]]) * float(first_replica)
-        experts = counts[1:2] * float(expert_replica)
-        summary = torch.cat([dense, experts])
+        dense = [local["total"] - local["experts"], local["routers"]] if first_replica else [0, 0]
+        experts = [local["experts"]] if expert_replica else [0]
+        # on the compute device: NCCL reduces device tensors only
+        summary = torch.tensor(dense + experts, dtype=torch.float64, device=platform.device())
         dist.all_reduce(summary)
+        summary = summary.tolist()
         return {
             "parameters_total": int(summary[0] + summary[2]),
             "parameters_experts": int(summary[2]),
@@ -261,6 +283,8 @@ class Trainer:
         batches = micro_batches(self.train_data, seed=t.seed, global_batch_size=t.global_batch_size,
                                 micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size, step=step - 1)
+        if self.straggler is not None:
+            self.straggler.step_started()
         start = time.perf_counter()
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -294,6 +318,8 @@ class Trainer:
         else:  # as Megatron-LM: the step's data is consumed, the weights and LR schedule stay
             self.skipped_steps += 1
         elapsed = time.perf_counter() - start
+        if self.straggler is not None:
+            self.straggler.step_ended(elapsed)
         self.step = step
         record = {"step": step, "consumed_samples": step * t.global_batch_size}
         if step % t.log_interval == 0 or step == t.train_iters or not success:
@@ -305,6 +331,9 @@ class Trainer:
                     self.routers, len(cfg.reuse_plan().groups), platform.device())
             if cfg.parallel.moe_token_dispatcher_type == DEDUP_DISPATCHER:  # same on every rank
                 record.update(dispatch_bytes(self.dispatchers))
+            grouped = [m for c in self.model.chunks for m in c.modules() if hasattr(m, "grouped_forwards")]
+            if grouped:  # forwards on the grouped-GEMM path so far (0: it fell back to the loop)
+                record["grouped_gemm_forwards"] = sum(b.grouped_forwards for b in grouped)
             record.update({
                 "lm_loss": lm_loss,
                 "loss": lm_loss + record["aux_loss"],
@@ -314,10 +343,21 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "step_time_s": round(elapsed, 4),
             })
+            busy = self.straggler.local_vector() if self.straggler is not None else None
             record.update(throughput(cfg, self.model.vocab_size, t.global_batch_size * t.seq_length,
-                                     elapsed, self.world_size))
+                                     elapsed, self.world_size, also_max=busy))  # gathers busy too
             self._watch_collapse(record)
+            if busy is not None:
+                self._report_stragglers(record, busy.tolist())
         return record
+
+    def _report_stragglers(self, record: dict, busy: list) -> None:
+        record.update(self.straggler.judge(busy))
+        for rank in self.straggler.newly_named():
+            self.logger.message(
+                f"[straggler] step {record['step']}: rank {rank} is slower than the median rank in "
+                f"{self.straggler.needed} of the last {self.straggler.intervals} logged intervals (busy "
+                f"{busy[rank]:.3f} s per step, median {record['busy_s_median']:.3f} s)")
 
     def _watch_collapse(self, record: dict) -> None:
         """Warn when a reuse group has been dominated by one expert for several logged steps."""
@@ -334,6 +374,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        with self.watchdog.section("eval", self.step):
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         t = self.cfg.train
         self._set_mode(False)
         batches = valid_batches(self.valid_data, micro_batch_size=t.micro_batch_size,
@@ -367,19 +411,22 @@ class Trainer:
             self._set_mode(True)
             while self.step < t.train_iters:
                 self._one_step(history)
+                self.checkpoints.finalize(blocking=False)  # an async save whose writes are all done
                 if self.skipped_steps > ck.max_skipped_steps:
+                    self.checkpoints.finalize(blocking=True)
                     raise guard.TrainingHalted(
                         f"halted at step {self.step}: {self.skipped_steps} steps skipped for a "
                         f"non-finite loss or grad norm (checkpoint.max_skipped_steps="
                         f"{ck.max_skipped_steps}); last checkpoint: step {self.last_saved_step}")
                 if self.stop_reason and self.step < t.train_iters:
-                    self.save_checkpoint()
-                    self.exit_code = guard.EXIT_PREEMPTED
+                    self.save_checkpoint(blocking=True)
+                    self.exit_code = self.signals.exit_code()
                     self.logger.message(f"[checkpoint] stopping at step {self.step} "
                                         f"({self.stop_reason}); exit {self.exit_code}: resume to continue")
                     break
                 if ck.save_interval and self.step % ck.save_interval == 0:
                     self.save_checkpoint()
+            self.checkpoints.finalize(blocking=True)  # no exit with a save in flight
             if self._steps_run and not self._steps_updated:
                 # nothing trained: saving would record a step count for weights that never moved,
                 # and exit 0 would read as success (e.g. a model that is NaN from its first step)
@@ -390,8 +437,9 @@ class Trainer:
             # the final checkpoint is written unless this process saved this step, or the one on disk
             # is verified to be what it loaded (CheckpointManager.save decides that)
             if self.step >= t.train_iters and self.checkpoints.saved_step != self.step:
-                self.save_checkpoint()
+                self.save_checkpoint(blocking=True)
         finally:
+            self.watchdog.close()
             self.signals.uninstall()
             self.logger.close()
             if self.lock is not None:
@@ -408,15 +456,19 @@ class Trainer:
             return False
         self.stop_reason = "signal"
         if self.step and self.checkpoints.saved_step != self.step:
-            self.save_checkpoint()
-        self.exit_code = guard.EXIT_PREEMPTED
+            self.save_checkpoint(blocking=True)
+        self.exit_code = self.signals.exit_code()
         self.logger.message(f"[checkpoint] stopping before training resumed at step {self.step} "
                             f"({self.stop_reason}); exit {self.exit_code}: run again to continue")
         return True
 
     def _one_step(self, history: list) -> None:
         t = self.cfg.train
-        record = self.train_step()
+        with self.watchdog.section("step", self.step + 1):
+            record = self.train_step()
+        if not self._training_timeout_set:  # start-up is over: collectives get the tighter timeout
+            set_collective_timeout(self.cfg.resilience.train_timeout_s)
+            self._training_timeout_set = True
         if self.step % t.eval_interval == 0 or self.step == t.train_iters:
             record["val_loss"] = self.evaluate()
         if "loss" in record or "val_loss" in record:

@@ -15,6 +15,7 @@ BAD = [
     ({"rexmoe": {"psr": {"start_step": 10, "end_step": 10}}}, "rexmoe.psr.end_step", "> rexmoe.psr.start_step"),
     ({"rexmoe": {"psr": {"schedule": "exp"}}}, "rexmoe.psr.schedule", "linear"),
     ({"rexmoe": {"psr": {"mask_on": "probs"}}}, "rexmoe.psr.mask_on", "scores"),
+    ({"rexmoe": {"psr": {"mask_draw": "fixed"}}}, "rexmoe.psr.mask_draw", "per_step, nested"),
     ({"rexmoe": {"reuse_group_size": 3}}, "rexmoe.reuse_group_size", "allow_partial_last_group"),
     ({"rexmoe": {"balance": {"layer_aux_scope": "batch"}}}, "rexmoe.balance.layer_aux_scope", "micro_batch"),
     ({"rexmoe": {"balance": {"z_loss_coeff": -1.0}}}, "rexmoe.balance.z_loss_coeff", ">= 0"),

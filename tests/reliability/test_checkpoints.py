@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from rexmoe_train.checkpoint import layout
-from tests.training.test_checkpoint import make_trainer, ramp_config, snapshot
+from tests.helpers import make_trainer
+from tests.training.test_checkpoint import ramp_config, snapshot
 
 
 class _Payload:

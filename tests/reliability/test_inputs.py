@@ -76,6 +76,16 @@ def test_every_config_field_has_a_resume_rule():
     with pytest.raises(CheckpointError, match=r"model.moe_router_topk was 2, the config says 1") as err:
         resume.compare(saved, changed, "ckpt")
     assert "\n" not in str(err.value)
+    # a checkpoint from before rexmoe.psr.mask_draw existed drew its masks per step: resuming it under
+    # the nested default is refused, naming the override that continues it
+    older = dataclasses.asdict(ExperimentConfig())
+    del older["rexmoe"]["psr"]["mask_draw"]
+    assert resume.compare(older, dataclasses.asdict(ExperimentConfig()), "ckpt") == []
+    changed = dataclasses.asdict(ExperimentConfig())
+    changed["rexmoe"]["psr"]["mask_draw"] = "nested"
+    with pytest.raises(CheckpointError, match=r"rexmoe.psr.mask_draw was 'per_step', the config says 'nested'.*"
+                                              r"resume with rexmoe.psr.mask_draw='per_step'"):
+        resume.compare(older, changed, "ckpt")
 
 
 @pytest.mark.parametrize("content", [b"12abc\n", b"\xff\xfe12\n", "\u00b2\n".encode(), b"", b"-3\n"],

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rexmoe_train.config.schema import ConfigError, experiment_from_dict
-from tests.helpers import tiny_config
+from tests.helpers import make_trainer, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_length=32",
         "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr_warmup_iters=1",
         "train.eval_iters=1", "train.eval_interval=100", "run.progress=false",
-        "rexmoe.psr.start_step=1", "rexmoe.psr.end_step=6"]
+        "rexmoe.psr.schedule=linear", "rexmoe.psr.start_step=1", "rexmoe.psr.end_step=6"]
 
 
 def cli(*overrides: str, env_extra: dict | None = None, log: Path, kill_at: str | None = None) -> subprocess.Popen:
@@ -83,14 +83,6 @@ def ramp_config(run_dir: Path, train_iters: int = 8, **ck) -> object:
     for key, value in ck.items():
         setattr(cfg.checkpoint, key, value)
     return cfg
-
-
-def make_trainer(cfg):
-    from rexmoe_train import compat
-    from rexmoe_train.training.trainer import Trainer
-
-    compat.reset_megatron_global_state()
-    return Trainer(cfg)
 
 
 _ramp_config = ramp_config

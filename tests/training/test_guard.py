@@ -1,0 +1,39 @@
+"""training/guard.py: Ctrl-C is a pre-emption that exits 130; a second one stops at once."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from rexmoe_train.training import guard
+
+
+def test_first_sigint_sets_the_flag_a_duplicate_is_ignored_a_second_raises(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(guard.time, "monotonic", lambda: clock[0])
+    signals = guard.StopSignals(True, None, 0.0)
+    signals._handler(signal.SIGINT, None)
+    assert signals.local_flags() == (True, False) and signals._level() == 2.0
+    clock[0] += 0.01  # torchrun's forwarded copy of the same Ctrl-C
+    signals._handler(signal.SIGINT, None)
+    clock[0] += guard.DUPLICATE_SIGINT_S + 0.5
+    with pytest.raises(KeyboardInterrupt):
+        signals._handler(signal.SIGINT, None)
+
+
+def test_exit_code_follows_what_the_ranks_agreed():
+    signals = guard.StopSignals(True, None, 0.0)
+    signals._handler(signal.SIGTERM, None)
+    assert signals._level() == 1.0 and signals.exit_code() == guard.EXIT_PREEMPTED
+    signals._handler(signal.SIGINT, None)  # Ctrl-C wins over SIGTERM
+    assert signals._level() == 2.0
+    signals.agreed_interrupt = True
+    assert signals.exit_code() == guard.EXIT_INTERRUPTED == 130
+
+
+def test_stop_requested_reduces_the_signal_kind(megatron_world):
+    signals = guard.StopSignals(True, None, 0.0)
+    assert guard.stop_requested(signals) == (False, False) and not signals.agreed_interrupt
+    signals._handler(signal.SIGINT, None)
+    assert guard.stop_requested(signals) == (True, False) and signals.agreed_interrupt
