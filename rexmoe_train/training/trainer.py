@@ -114,6 +114,8 @@ class Trainer:
         # found once (a module walk): the step loop asks for them several times per step
         self.routers = self.model.routers
         self.dispatchers = self.model.dedup_dispatchers  # [] unless rexmoe_dedup
+        # found once, like the routers: the grouped-GEMM banks whose forward count is logged
+        self.grouped_banks = [m for c in self.model.chunks for m in c.modules() if hasattr(m, "grouped_forwards")]
         tc = self.model.config
         self.chunks = wrap_for_training(cfg, self.model.chunks, tc)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, tc)
@@ -331,9 +333,8 @@ class Trainer:
                     self.routers, len(cfg.reuse_plan().groups), platform.device())
             if cfg.parallel.moe_token_dispatcher_type == DEDUP_DISPATCHER:  # same on every rank
                 record.update(dispatch_bytes(self.dispatchers))
-            grouped = [m for c in self.model.chunks for m in c.modules() if hasattr(m, "grouped_forwards")]
-            if grouped:  # forwards on the grouped-GEMM path so far (0: it fell back to the loop)
-                record["grouped_gemm_forwards"] = sum(b.grouped_forwards for b in grouped)
+            if self.grouped_banks:  # forwards on the grouped-GEMM path so far (0: it fell back to the loop)
+                record["grouped_gemm_forwards"] = sum(b.grouped_forwards for b in self.grouped_banks)
             record.update({
                 "lm_loss": lm_loss,
                 "loss": lm_loss + record["aux_loss"],
