@@ -66,22 +66,34 @@ class CollectiveClock:
             param_and_grad_buffer._coalescing_manager = cls._timed_block(manager)
 
     @classmethod
+    @contextmanager
+    def _measured(cls):
+        """Count one blocking collective (or coalesced block) and the time this rank waited in it."""
+        cls._local.inside = True
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            cls.waited += time.perf_counter() - start
+            cls.calls += 1
+            cls._local.inside = False
+
+    @classmethod
+    def _untimed(cls, kwargs: dict, async_key: str) -> bool:
+        # async: waited on later; nested: counted by the outer call
+        return bool(kwargs.get(async_key)) or getattr(cls._local, "inside", False)
+
+    @classmethod
     def _timed_block(cls, manager):
         @contextmanager
         def timed(*args, **kwargs):
-            if kwargs.get("async_ops") or getattr(cls._local, "inside", False):
+            if cls._untimed(kwargs, "async_ops"):
                 with manager(*args, **kwargs) as cm:
                     yield cm
                 return
-            cls._local.inside = True  # the collectives queued inside run (and are waited for) at exit
-            start = time.perf_counter()
-            try:
-                with manager(*args, **kwargs) as cm:
-                    yield cm
-            finally:
-                cls.waited += time.perf_counter() - start
-                cls.calls += 1
-                cls._local.inside = False
+            # the collectives queued inside run (and are waited for) at exit
+            with cls._measured(), manager(*args, **kwargs) as cm:
+                yield cm
 
         timed._rexmoe_timed = True
         return timed
@@ -90,16 +102,10 @@ class CollectiveClock:
     def _timed(cls, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if kwargs.get("async_op") or getattr(cls._local, "inside", False):
-                return fn(*args, **kwargs)  # async: waited on later; nested: counted by the outer call
-            cls._local.inside = True
-            start = time.perf_counter()
-            try:
+            if cls._untimed(kwargs, "async_op"):
                 return fn(*args, **kwargs)
-            finally:
-                cls.waited += time.perf_counter() - start
-                cls.calls += 1
-                cls._local.inside = False
+            with cls._measured():
+                return fn(*args, **kwargs)
 
         timed._rexmoe_timed = True
         return timed
