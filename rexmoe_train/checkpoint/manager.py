@@ -319,6 +319,7 @@ class CheckpointManager:
                     tmp.mkdir()
             except OSError as err:
                 decision = (False, self._save_failed(step, tmp, err))
+                shutil.rmtree(tmp, ignore_errors=True)  # no other rank has written into it yet
         skip, error = _broadcast_object(decision)
         if error:
             raise CheckpointError(error)
@@ -472,9 +473,10 @@ class CheckpointManager:
         return meta["_digest"] == self.loaded[1]
 
     def _save_failed(self, step: int, tmp: Path, err: BaseException) -> str:
-        """One line for an OS error during a save; the partial directory goes, the rest is untouched."""
+        """One line for an OS error during a save. The partial directory is not removed here: other
+        ranks may still be writing into it (a rank that removed it made them fail on a missing
+        directory instead of the real error); rank 0 removes it once every rank has reported."""
         os_err = _os_error(err)
-        shutil.rmtree(tmp, ignore_errors=True)
         if os_err is None and _nearly_full(self.root):
             # a full disk also surfaces without an errno (torch's zip writer: "unexpected pos")
             os_err = OSError(errno_names.ENOSPC, os.strerror(errno_names.ENOSPC))

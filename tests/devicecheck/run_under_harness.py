@@ -25,6 +25,12 @@ def main(argv: list[str]) -> int:
         from tests.devicecheck import strict_device
 
         strict_device.install()  # compat + the device overlay, before the first megatron import
+        # as on a GPU, memory nobody wrote is not zeros: every empty() is NaN (ints: their max), so a
+        # read of uninitialised memory fails every run instead of now and then
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
         from rexmoe_train.parallel.state import init_distributed
         from tests.devicecheck import scenarios
 

@@ -383,6 +383,14 @@ def harness_primitives() -> dict:
         except error as err:
             raised[name] = f"{type(err).__name__}: {err}"
     assert all(raised.values()), raised
+    # factories C++ reaches with the device and no tensor argument carry their value (where's backward
+    # makes its 0 that way; they used to come back as uninitialised memory, NaN under the run's fill)
+    cond = torch.tensor([True, False], device="cuda")
+    x = torch.ones(2, device="cuda", requires_grad=True)
+    torch.where(cond, x, torch.zeros_like(x)).sum().backward()
+    assert torch.where(cond, x, 0.0).tolist() == [1.0, 0.0] and x.grad.tolist() == [1.0, 0.0]
+    assert torch.ops.aten.full.default([2], 3.0, device=sd.LABEL).tolist() == [3.0, 3.0]
+    assert torch.isnan(torch.empty(2, device="cuda").cpu()).all()  # the run poisons uninitialised memory
     total = torch.ones(2, device="cuda")
     dist.all_reduce(total)
     assert total.cpu().tolist() == [float(dist.get_world_size())] * 2

@@ -265,6 +265,33 @@ def _wrap_factory(name: str, fn: Callable) -> Callable:
     return factory
 
 
+# Factories that C++ code reaches with the label device and no tensor argument: autograd formulas
+# (where's backward makes its 0 with scalar_tensor(0, grad.options())), a Python number wrapped next
+# to a device tensor (where(cond, x, 0.0)), full / zeros / ones built from a device tensor's options.
+# They dispatch to the Meta key, whose Python kernels (torch/_meta_registrations.py) only compute a
+# shape: through the factory wrappers above they became device tensors over *uninitialised* CPU
+# memory, so the value was lost (a garbage 0 in where's backward made gradients and the step-3 bias
+# of the ep=2 resume differ now and then). These kernels compute the value on the CPU and label it.
+_META_FACTORIES = ("scalar_tensor", "full", "zeros", "ones", "arange", "arange.start", "arange.start_step",
+                   "linspace", "eye", "eye.m")
+_META_LIBRARY: list = []  # the Library must outlive install(): dropping it unregisters the kernels
+
+
+def _patch_meta_factories() -> None:
+    lib = torch.library.Library("aten", "IMPL")
+    for qualified in _META_FACTORIES:
+        name, _, overload = qualified.partition(".")
+        op = getattr(getattr(torch.ops.aten, name), overload or "default")
+
+        def kernel(*args: Any, __op: Any = op, **kwargs: Any) -> torch.Tensor:
+            kwargs = {**kwargs, "device": _CPU}
+            kwargs.pop("pin_memory", None)
+            return DeviceTensor(__op(*args, **kwargs))
+
+        lib.impl(qualified, kernel, "Meta")
+    _META_LIBRARY.append(lib)
+
+
 def _patch_tensor_methods() -> None:
     original_to = torch.Tensor.to
 
@@ -505,6 +532,7 @@ def install() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _wrap_factory(name, getattr(torch, name)))
     _patch_tensor_methods()
+    _patch_meta_factories()
     _patch_modules()
     _patch_torch_cuda()
     _patch_collectives()
