@@ -198,7 +198,12 @@ class _GroupedLinear(torch.autograd.Function):
             grad_x = _GROUPED_MM(grad, stacked, offs=offs)
         if any(ctx.needs_input_grad[3:]):
             # the weight gradient of slot i: grad[rows i].T @ x[rows i]; 2D x 2D split by offs
-            grad_w = _GROUPED_MM(grad.t(), x, offs=offs).unbind(0)
+            grad_w = _GROUPED_MM(grad.t(), x, offs=offs)
+            # a slot that got no rows has a K=0 product: zero by definition, but whether a CUDA
+            # grouped kernel writes that block is an implementation detail (its output is allocated
+            # uninitialised). Make it zero here (no host sync) rather than trust it.
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+            grad_w = torch.where(empty[:, None, None], 0.0, grad_w).unbind(0)
         return (grad_x, None, None, *(grad_w or [None] * (len(ctx.needs_input_grad) - 3)))
 
 
