@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
 
     compat.install()
     from rexmoe_train.config.compose import compose_experiment
-    from rexmoe_train.training.straggler import CollectiveClock
+    from rexmoe_train.resilience.straggler import CollectiveClock
     from rexmoe_train.training.trainer import Trainer
 
     overrides = [*TINY, f"train.train_iters={args.steps}", f"run.dir={args.run_dir}"]

@@ -21,13 +21,13 @@ MAPPED = {"configs": "rexmoe_train.configs", "kernels": "rexmoe_train.kernels"}
 # typed configs; kernels/data: tensors and datasets; parallel -> model: megatron building blocks;
 # checkpoint, training: the run; convert, tools: what the entry points use; cli: the entry points.
 LAYERS = {
-    "core": 0, "platform": 0, "threads": 0,
+    "core": 0, "platform": 0, "threads": 0, "exit_codes": 0,
     "compat": 1,
     "config": 2, "configs": 2,
     "kernels": 3, "data": 3,
     "parallel": 4,
     "model": 5,
-    "checkpoint": 6,
+    "checkpoint": 6, "resilience": 6,
     "training": 7,
     "convert": 8, "tools": 8,
     "cli": 9,

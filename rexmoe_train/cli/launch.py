@@ -6,13 +6,13 @@ agent subclass that
 - prints ONE line per failed attempt, naming the rank that caused it, what happened and the
   checkpoint the restart (or a rerun) resumes from, e.g.
   ``rexmoe-train: rank 1 died (SIGKILL) at step 15; restart 1/3 resumes from iter_0000010``;
-  the per-rank tracebacks stay in ``<run.dir>/logs/`` (training/failures.py) and torchrun's own
+  the per-rank tracebacks stay in ``<run.dir>/logs/`` (resilience/failures.py) and torchrun's own
   logging is kept to errors (REXMOE_LAUNCH_VERBOSE=1 shows it);
 - does not restart what a restart cannot fix or what asked to stop: exit 2 (bad config or
   checkpoint), 3 (halted on non-finite steps), 75 (pre-empted, checkpoint saved) and 130 (Ctrl-C),
   and exits with that code (plain torchrun reports every failure as 1);
 - after a hang (a worker exited 76) writes ``<run.dir>/hang/.../report.txt`` naming the rank that did
-  not arrive (training/watchdog.py), and SIGKILLs a stopped worker at once instead of waiting 30 s
+  not arrive (resilience/watchdog.py), and SIGKILLs a stopped worker at once instead of waiting 30 s
   for a SIGTERM it cannot take;
 - is a child subreaper (Linux): what a dead worker leaves (megatron's checkpoint-writer processes,
   data workers, multiprocessing's resource tracker) is re-parented to the agent, which kills it when
@@ -30,18 +30,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from rexmoe_train.core.attempts import (
-    EXIT_HUNG,
-    EXIT_PEER_FAILED,
+from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.resilience.attempts import (
     attempt_dir,
     become_subreaper,
     hang_report,
     read_heartbeats,
 )
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_HALTED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 75, 130  # cli/train.py, guard.py
-NO_RESTART = {EXIT_CONFIG: "bad config or checkpoint", EXIT_HALTED: "halted on non-finite steps",
-              EXIT_PREEMPTED: "pre-empted, checkpoint saved", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
+NO_RESTART = {ExitCode.USAGE: "bad config or checkpoint", ExitCode.HALTED: "halted on non-finite steps",
+              ExitCode.PREEMPTED: "pre-empted, checkpoint saved", ExitCode.INTERRUPTED: "interrupted (Ctrl-C)"}
 PREFIX = "rexmoe-train:"
 FAILURE_GRACE_S = 10  # after a failure: how long the rest of the group gets to exit before SIGKILL
 
@@ -99,9 +97,9 @@ def describe_failure(failures: dict, paths: RunPaths, launch: str, tries: int) -
         if code < 0:
             rank_of_signal = 5 if -code in (signal.SIGTERM, signal.SIGINT) else 0
             return (rank_of_signal, rank)
-        if code == EXIT_PEER_FAILED:
+        if code == ExitCode.PEER_FAILED:
             return (4, rank)
-        if code == EXIT_HUNG:
+        if code == ExitCode.HUNG:
             return (3, rank)
         return (1 if rank in fates or code in NO_RESTART else 2, rank)
 
@@ -110,7 +108,7 @@ def describe_failure(failures: dict, paths: RunPaths, launch: str, tries: int) -
     step = beats.get(rank, {}).get("step")
     if code < 0:
         what = f"died ({_signal_name(failure)})"
-    elif code == EXIT_HUNG:
+    elif code == ExitCode.HUNG:
         report = hang_report(paths.run_dir, launch, tries) if paths.run_dir else None
         if report and report["culprits"]:
             rank = report["culprits"][0]
@@ -229,7 +227,7 @@ def make_agent_class(paths: RunPaths, launch: str):
                 tail = (f"no restart left ({max_restarts} used); rerun to resume from {resume}"
                         if max_restarts else f"restarts are off; rerun to resume from {resume}")
             self.last_summary = f"{PREFIX} {what}; {tail}"
-            self.exit_code = code if code in NO_RESTART else EXIT_FAILED
+            self.exit_code = code if code in NO_RESTART else ExitCode.FAILED
             print(self.last_summary, file=sys.stderr, flush=True)
 
         def _reap(self) -> None:
@@ -287,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     except ChildFailedError:
         agent = agents[-1] if agents else None
-        return agent.exit_code if agent is not None and agent.exit_code else EXIT_FAILED
+        return agent.exit_code if agent is not None and agent.exit_code else ExitCode.FAILED
     except SignalException as err:
         sig = signal.Signals(err.sigval)
         # the workers have saved at their step boundary (or were stopped at once by a second Ctrl-C)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from rexmoe_train.exit_codes import ExitCode
 from rexmoe_train.tools import plot
 
 
@@ -20,7 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths = plot.plot_run(args.run_dir, args.out)
     except plot.PlotError as err:
         print(f"rexmoe-plot: error: {err}", file=sys.stderr)
-        return plot.EXIT_USAGE
+        return ExitCode.USAGE
     for path in paths:
         print(path)
     return 0

@@ -9,13 +9,14 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from rexmoe_train.data.preprocess import EXIT_USAGE, PreprocessError, preprocess
+from rexmoe_train.data.preprocess import PreprocessError, preprocess
 from rexmoe_train.data.text_tokenizer import BYTE
+from rexmoe_train.exit_codes import ExitCode
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +50,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prog = "rexmoe-preprocess"
     if args.chunk_lines < 1:
         print(f"{prog}: error: --chunk-lines must be >= 1, got {args.chunk_lines}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         meta = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
                           eod_token=args.eod_token, workers=args.workers, chunk_lines=args.chunk_lines,
                           overwrite=args.overwrite, progress=args.progress)
     except PreprocessError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing written", file=sys.stderr)
         return 130

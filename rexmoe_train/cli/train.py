@@ -29,8 +29,8 @@ _WAIT_POLICY, _WAIT_REASON = prefer_passive_wait()
 
 from rexmoe_train.config.compose import compose_experiment  # noqa: E402 (after the wait policy)
 from rexmoe_train.config.schema import ConfigError, ExperimentConfig  # noqa: E402
+from rexmoe_train.exit_codes import ExitCode  # noqa: E402
 
-EXIT_CONFIG = 2
 USAGE = ("usage: rexmoe-train [--cfg | --check [--world-size N]] [KEY=VALUE | GROUP=OPTION ...]\n"
          "  e.g. rexmoe-train model=rexmoe_0.5b rexmoe.reuse_group_size=1 train.train_iters=100\n"
          "  groups: model (tiny, rexmoe_0.5b[_se], rexmoe_2.3b[_se], rexmoe_7b_se), train (tiny_cpu, paper);\n"
@@ -41,7 +41,7 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _fail(message: str, code: int = EXIT_CONFIG) -> None:
+def _fail(message: str, code: int = ExitCode.USAGE) -> None:
     """One line on stderr (rank 0 only: every rank fails alike), then exit."""
     if _is_rank0():
         print(message, file=sys.stderr, flush=True)
@@ -64,7 +64,7 @@ def dry_run(experiment: ExperimentConfig) -> int:
         if _is_rank0():
             print(f"config error: model.vocab_size={experiment.model.vocab_size}: must be >= the tokenizer's "
                   f"vocabulary ({vocab}), or null to take it from the tokenizer", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.USAGE
     vocab = experiment.model.vocab_size or vocab
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     if _is_rank0():
@@ -73,7 +73,7 @@ def dry_run(experiment: ExperimentConfig) -> int:
                   flush=True)
         except ConfigError as err:
             print(err, file=sys.stderr)
-            return EXIT_CONFIG
+            return ExitCode.USAGE
     return 0
 
 
@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: early.append(signum))
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: die with the agent, never outlive it
-        from rexmoe_train.core.attempts import die_with_parent
+        from rexmoe_train.resilience.attempts import die_with_parent
 
         die_with_parent()
     import logging
@@ -200,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             history = trainer.run()
         except guard.TrainingHalted as err:
-            _fail(str(err), guard.EXIT_HALTED)
+            _fail(str(err), ExitCode.HALTED)
         except CheckpointError as err:  # a save that failed (ENOSPC...): the previous checkpoint stands
             _fail(str(err))
         except OSError as err:
@@ -210,9 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"rexmoe-train: stopped at once (second Ctrl-C) at step {trainer.step if trainer else 0}; "
                   "rerun to resume from the last checkpoint", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(guard.EXIT_INTERRUPTED)
+        os._exit(ExitCode.INTERRUPTED)
     except Exception as err:  # noqa: BLE001 -- anything else: one line, the traceback in run.dir/logs
-        from rexmoe_train.training.failures import record_crash
+        from rexmoe_train.resilience.failures import record_crash
 
         code = record_crash(err, experiment.run.dir, int(os.environ.get("RANK", "0")),
                             trainer.step if trainer else None)

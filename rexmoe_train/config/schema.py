@@ -608,8 +608,8 @@ class CheckpointConfig:
 
 @dataclass
 class ResilienceConfig:
-    """Collective timeouts, the hang watchdog and the straggler report (training/watchdog.py,
-    training/straggler.py; docs/reliability.md). Times in seconds; a budget of null turns its check off."""
+    """Collective timeouts, the hang watchdog and the straggler report (resilience/watchdog.py,
+    resilience/straggler.py; docs/reliability.md). Times in seconds; a budget of null turns its check off."""
 
     # collective timeout while starting (process groups, data, checkpoint load, the first step),
     # then the tighter one once training runs: a collective blocked this long raises on every rank

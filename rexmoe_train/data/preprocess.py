@@ -54,7 +54,6 @@ COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 PARQUET_SUFFIXES = (".parquet",)
 _READ_BYTES = 1 << 20  # compressed bytes read at a time from a .zst input
 SIDECAR_FORMAT = "rexmoe-indexed-v1"
-EXIT_USAGE = 2
 
 
 class PreprocessError(Exception):

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# torch's flight recorder (the last collectives of every group, dumped by training/watchdog.py on a
+# torch's flight recorder (the last collectives of every group, dumped by resilience/watchdog.py on a
 # hang) records only when this is set before the groups are made; a ring of 2000 small entries
 FLIGHT_RECORDER_ENTRIES = "2000"
 

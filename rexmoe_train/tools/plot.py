@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 __all__ = ["load_records", "plot_run", "PlotError", "time_series"]
 
-EXIT_USAGE = 2
 
 
 class PlotError(Exception):

@@ -1,13 +1,13 @@
 """Pre-emption and the numerics guard: what ends or skips a step, decided alike on every rank.
 
 - SIGTERM / SIGUSR1 (or the wall-clock budget ``checkpoint.exit_duration_mins``) set a flag; the
-  trainer saves at the next step boundary and exits 75 (``EXIT_PREEMPTED``: launch/slurm.sbatch
-  requeues). Ctrl-C (SIGINT) is the same save-and-stop, exiting 130 (``EXIT_INTERRUPTED``: nothing
+  trainer saves at the next step boundary and exits 75 (``ExitCode.PREEMPTED``: launch/slurm.sbatch
+  requeues). Ctrl-C (SIGINT) is the same save-and-stop, exiting 130 (``ExitCode.INTERRUPTED``: nothing
   requeues or restarts it); a second Ctrl-C raises KeyboardInterrupt at once. The handlers are
   installed before anything slow, so a signal during start-up (model build, the step-0 evaluation)
   ends the run cleanly too.
 - A step whose loss or gradients are not finite is skipped (weights and LR schedule untouched);
-  more than ``checkpoint.max_skipped_steps`` of them halt the run (``EXIT_HALTED``).
+  more than ``checkpoint.max_skipped_steps`` of them halt the run (``ExitCode.HALTED``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import torch
 import torch.distributed as dist
 
 from rexmoe_train import platform
+from rexmoe_train.exit_codes import ExitCode
 
-EXIT_PREEMPTED = 75  # pre-empted (signal) or out of time: checkpoint saved, requeue me
-EXIT_HALTED = 3  # too many non-finite steps
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpoint saved at the step boundary, not requeued
 # Under torchrun a Ctrl-C reaches a worker twice: from the terminal (same process group) and forwarded
 # by the agent a few milliseconds later. A SIGINT within this window of the first is that copy.
 DUPLICATE_SIGINT_S = 1.0
@@ -60,7 +58,7 @@ class StopSignals:
 
     def exit_code(self) -> int:
         """75 for a pre-emption or the time budget, 130 after Ctrl-C (on any rank)."""
-        return EXIT_INTERRUPTED if self.agreed_interrupt else EXIT_PREEMPTED
+        return ExitCode.INTERRUPTED if self.agreed_interrupt else ExitCode.PREEMPTED
 
     def _level(self) -> float:
         """0: no signal, 1: SIGTERM / SIGUSR1, 2: SIGINT (MAX over the ranks picks Ctrl-C)."""

@@ -36,6 +36,8 @@ from rexmoe_train.model.balance import expert_bias_ranges, update_expert_bias
 from rexmoe_train.model.gpt import build_model
 from rexmoe_train.parallel.dispatcher import DEDUP_DISPATCHER
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel, set_collective_timeout
+from rexmoe_train.resilience.straggler import StragglerReport
+from rexmoe_train.resilience.watchdog import Watchdog
 from rexmoe_train.training import guard
 from rexmoe_train.training.metrics import (
     balance_losses,
@@ -48,8 +50,6 @@ from rexmoe_train.training.metrics import (
 from rexmoe_train.training.optim import build_optimizer, wrap_for_training
 from rexmoe_train.training.run_lock import RunLock
 from rexmoe_train.training.run_logger import RunLogger, trim_metrics
-from rexmoe_train.training.straggler import StragglerReport
-from rexmoe_train.training.watchdog import Watchdog
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -124,7 +124,7 @@ class Trainer:
         init_aux_loss_tracker(cfg.model.num_layers)
         self.forward_backward = get_forward_backward_func()
         self._collapse_streak: dict[int, int] = {}
-        self.exit_code = 0  # guard.EXIT_PREEMPTED after a signal / the time budget
+        self.exit_code = 0  # ExitCode.PREEMPTED after a signal / the time budget
         self.resolved_config = resolved_config
         self.stop_reason: Optional[str] = None
         self.checkpoints = CheckpointManager(

@@ -9,7 +9,7 @@ import signal
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from rexmoe_train.cli.launch import RunPaths, describe_failure
-from rexmoe_train.core.attempts import attempt_dir
+from rexmoe_train.resilience.attempts import attempt_dir
 
 
 def _failure(rank: int, exitcode: int) -> ProcessFailure:

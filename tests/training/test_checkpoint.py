@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from rexmoe_train.config.schema import ConfigError, experiment_from_dict
+from rexmoe_train.exit_codes import ExitCode
 from tests.helpers import make_trainer, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,11 +144,10 @@ def test_resume_is_bitwise_identical_across_psr_ramp(megatron_world, tmp_path, b
 
 def test_exit_duration_saves_and_returns_75(megatron_world, tmp_path):
     from rexmoe_train import checkpoint
-    from rexmoe_train.training import guard
 
     trainer = make_trainer(ramp_config(tmp_path / "run", exit_duration_mins=1e-9))
     trainer.run()
-    assert trainer.exit_code == guard.EXIT_PREEMPTED == 75
+    assert trainer.exit_code == ExitCode.PREEMPTED == 75
     assert trainer.step == 1 and trainer.stop_reason == "checkpoint.exit_duration_mins"
     root = tmp_path / "run" / "checkpoints"
     assert (root / checkpoint.TRACKER).read_text().strip() == "1"
@@ -470,7 +470,6 @@ def _cli_equivalent(run_dir: Path, train_iters: int):
 @pytest.mark.slow
 def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
     from rexmoe_train import checkpoint
-    from rexmoe_train.training import guard
 
     common = ["train.train_iters=8"]
     straight = cli(*common, f"run.dir={tmp_path / 'straight'}", log=tmp_path / "logs" / "straight")
@@ -483,7 +482,7 @@ def test_cli_sigterm_saves_exits_75_and_resumes_identically(tmp_path):
         time.sleep(0.05)
     stopped.send_signal(signal.SIGTERM)
     rc, out, err = finish(stopped)
-    assert rc == guard.EXIT_PREEMPTED, err[-3000:]
+    assert rc == ExitCode.PREEMPTED, err[-3000:]
     root = tmp_path / "stopped" / "checkpoints"
     k = checkpoint.read_tracker(root)
     assert 2 <= k < 8, k

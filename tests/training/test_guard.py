@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from rexmoe_train.exit_codes import ExitCode
 from rexmoe_train.training import guard
 
 
@@ -25,11 +26,11 @@ def test_first_sigint_sets_the_flag_a_duplicate_is_ignored_a_second_raises(monke
 def test_exit_code_follows_what_the_ranks_agreed():
     signals = guard.StopSignals(True, None, 0.0)
     signals._handler(signal.SIGTERM, None)
-    assert signals._level() == 1.0 and signals.exit_code() == guard.EXIT_PREEMPTED
+    assert signals._level() == 1.0 and signals.exit_code() == ExitCode.PREEMPTED
     signals._handler(signal.SIGINT, None)  # Ctrl-C wins over SIGTERM
     assert signals._level() == 2.0
     signals.agreed_interrupt = True
-    assert signals.exit_code() == guard.EXIT_INTERRUPTED == 130
+    assert signals.exit_code() == ExitCode.INTERRUPTED == 130
 
 
 def test_stop_requested_reduces_the_signal_kind(megatron_world):

@@ -1,11 +1,11 @@
-"""core/attempts.py: the hang report names the rank that did not arrive, from heartbeats and dumps."""
+"""resilience/attempts.py: the hang report names the rank that did not arrive, from heartbeats and dumps."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from rexmoe_train.core import attempts
+from rexmoe_train.resilience import attempts
 
 
 def _beat(run_dir, rank: int, step: int, section: str = "step", world: int = 4) -> None:
@@ -69,7 +69,7 @@ def test_subreaper_request_is_accepted_on_linux():
     import sys
 
     # in a child, so this test process keeps its own parentage rules
-    code = "from rexmoe_train.core import attempts; print(attempts.become_subreaper())"
+    code = "from rexmoe_train.resilience import attempts; print(attempts.become_subreaper())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sys.platform.startswith("linux"))
     assert os.getpid() > 0

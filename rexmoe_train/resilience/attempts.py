@@ -2,8 +2,8 @@
 Torch-free, so the launcher (cli/launch.py) reads them without loading megatron.
 
 ``<run.dir>/logs/<launch>/attempt<k>/``: per rank a heartbeat (``rank<r>.heartbeat.json``: the section
-it last entered, its step, the time; training/watchdog.py), and after a failure its traceback
-(``rank<r>.err``) and fate (``rank<r>.fate.json``; training/failures.py).
+it last entered, its step, the time; resilience/watchdog.py), and after a failure its traceback
+(``rank<r>.err``) and fate (``rank<r>.fate.json``; resilience/failures.py).
 ``<run.dir>/hang/<launch>/attempt<k>/``: the watchdog's dumps and ``report.txt`` (``hang_report``).
 ``<launch>`` is one launcher invocation, ``k`` torchrun's restart count.
 """
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-EXIT_HUNG = 76  # a section overran its watchdog budget: stacks dumped, restart me
-EXIT_PEER_FAILED = 77  # a collective failed because another rank went away: not the cause
+from rexmoe_train.exit_codes import ExitCode
+
 SECTIONS = ("step", "eval", "save")
 
 
@@ -71,7 +71,7 @@ def die_with_parent() -> None:
     """SIGKILL this process when the process that started it dies (Linux; no-op elsewhere)."""
     parent = os.getppid()
     if _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) and os.getppid() != parent:
-        os._exit(EXIT_PEER_FAILED)  # the parent died before the request took effect
+        os._exit(ExitCode.PEER_FAILED)  # the parent died before the request took effect
 
 
 def become_subreaper() -> bool:

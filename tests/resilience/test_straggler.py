@@ -1,4 +1,4 @@
-"""training/straggler.py: the busy-time rule (pure), and the collective clock on a real gloo world."""
+"""resilience/straggler.py: the busy-time rule (pure), and the collective clock on a real gloo world."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from rexmoe_train.training.straggler import CollectiveClock, StragglerReport
+from rexmoe_train.resilience.straggler import CollectiveClock, StragglerReport
 
 
 def _report(world: int = 4) -> StragglerReport:

@@ -1,11 +1,12 @@
-"""training/failures.py: a crash is one line plus a traceback file; a lost peer is silent (exit 77)."""
+"""resilience/failures.py: a crash is one line plus a traceback file; a lost peer is silent (exit 77)."""
 
 from __future__ import annotations
 
 import json
 
-from rexmoe_train.core.attempts import EXIT_PEER_FAILED, attempt_dir
-from rexmoe_train.training.failures import EXIT_FAILED, is_peer_failure, record_crash
+from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.resilience.attempts import attempt_dir
+from rexmoe_train.resilience.failures import is_peer_failure, record_crash
 
 
 def _raised(err: BaseException) -> BaseException:
@@ -19,7 +20,7 @@ def test_own_exception_is_one_line_and_a_traceback_file(tmp_path, capsys, monkey
     monkeypatch.setenv("REXMOE_LAUNCH_ID", "t")
     monkeypatch.delenv("REXMOE_LAUNCHER", raising=False)
     code = record_crash(_raised(ValueError("bad thing\nsecond line")), str(tmp_path), rank=2, step=7)
-    assert code == EXIT_FAILED
+    assert code == ExitCode.FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rexmoe-train: rank 2 failed at step 7: ValueError: bad thing")
     logs = attempt_dir(str(tmp_path), "logs", "t", 0)
@@ -32,13 +33,13 @@ def test_own_exception_is_one_line_and_a_traceback_file(tmp_path, capsys, monkey
 def test_a_lost_peer_prints_nothing_and_exits_77(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("REXMOE_LAUNCH_ID", "t")
     err = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:28044: Connection reset by peer")
-    assert record_crash(_raised(err), str(tmp_path), rank=0, step=5) == EXIT_PEER_FAILED
+    assert record_crash(_raised(err), str(tmp_path), rank=0, step=5) == ExitCode.PEER_FAILED
     assert capsys.readouterr().err == ""
 
 
 def test_under_the_launcher_the_summary_is_the_launchers(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("REXMOE_LAUNCHER", "1")
-    assert record_crash(_raised(KeyError("x")), str(tmp_path), rank=1, step=None) == EXIT_FAILED
+    assert record_crash(_raised(KeyError("x")), str(tmp_path), rank=1, step=None) == ExitCode.FAILED
     assert capsys.readouterr().err == ""
 
 

@@ -4,7 +4,7 @@
   ``rank<r>.fate.json`` (what happened, the step) that the launcher (cli/launch.py) turns into its
   summary line.
 - A rank that failed because a *peer* went away (a collective raised: connection reset, timed out)
-  is not the cause: it exits ``EXIT_PEER_FAILED`` and prints nothing.
+  is not the cause: it exits ``ExitCode.PEER_FAILED`` and prints nothing.
 - Any other exception prints one line naming the rank (unless rexmoe's launcher prints the summary)
   and exits 1, which the launcher restarts.
 - Under torchrun a worker asks the kernel to SIGKILL it when the agent dies (PR_SET_PDEATHSIG), so a
@@ -20,10 +20,10 @@ import time
 import traceback
 from typing import Optional
 
-from rexmoe_train.core.attempts import EXIT_PEER_FAILED, attempt_dir
+from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.resilience.attempts import attempt_dir
 
-EXIT_FAILED = 1  # an exception on this rank: the launcher restarts the run
-__all__ = ["EXIT_FAILED", "EXIT_PEER_FAILED", "is_peer_failure", "record_crash"]
+__all__ = ["is_peer_failure", "record_crash"]
 
 # what torch's gloo / NCCL / store layers say when the other end of a collective is gone
 _PEER_GONE = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout",
@@ -68,4 +68,4 @@ def record_crash(err: BaseException, run_dir: Optional[str], rank: int, step: Op
     if not peer and not os.environ.get("REXMOE_LAUNCHER"):
         print(f"rexmoe-train: rank {rank} failed at step {step}: {what}"
               + (f" (traceback: {where})" if where else ""), file=sys.stderr, flush=True)
-    return EXIT_PEER_FAILED if peer else EXIT_FAILED
+    return ExitCode.PEER_FAILED if peer else ExitCode.FAILED

@@ -1,12 +1,13 @@
-"""training/watchdog.py: an overrun writes the heartbeat, the stacks of every thread, then exits 76."""
+"""resilience/watchdog.py: an overrun writes the heartbeat, the stacks of every thread, then exits 76."""
 
 from __future__ import annotations
 
 import json
 import time
 
-from rexmoe_train.core.attempts import EXIT_HUNG, attempt_dir
-from rexmoe_train.training.watchdog import Watchdog
+from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.resilience.attempts import attempt_dir
+from rexmoe_train.resilience.watchdog import Watchdog
 
 
 def _watchdog(tmp_path, budget: float, first: float = 0.0) -> tuple[Watchdog, list]:
@@ -27,7 +28,7 @@ def test_overrun_dumps_every_thread_and_exits_76(tmp_path, monkeypatch):
     with dog.section("step", 15):
         _sleeping_inside_a_step(1.5)
     dog.close()
-    assert codes == [EXIT_HUNG]
+    assert codes == [ExitCode.HUNG]
     dump = (attempt_dir(str(tmp_path), "hang", "t", 0) / "rank3.txt").read_text()
     assert "rank 3 (pid" in dump and "step 15 overran its budget of 0.3 s" in dump
     assert "_sleeping_inside_a_step" in dump  # the main thread's stack, seen from the watchdog thread
@@ -60,4 +61,4 @@ def test_the_first_section_of_a_process_gets_the_start_up_budget(tmp_path, monke
     with dog.section("step", 2):
         time.sleep(0.6)
     dog.close()
-    assert codes == [EXIT_HUNG]
+    assert codes == [ExitCode.HUNG]

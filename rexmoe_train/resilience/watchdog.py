@@ -10,7 +10,7 @@ and a thread waits on the section's monotonic deadline. On overrun every live ra
   group with their sequence ids and states; works for gloo when ``TORCH_FR_BUFFER_SIZE`` is set
   before the groups are made, which ``parallel/state.py`` does),
 
-then exits ``EXIT_HUNG``. A rank that cannot run at all (SIGSTOP, a wedged driver) writes nothing:
+then exits ``ExitCode.HUNG``. A rank that cannot run at all (SIGSTOP, a wedged driver) writes nothing:
 ``hang_report`` names it as the rank that did not arrive, from the heartbeats and the missing dumps.
 
 WHY heartbeat files in run.dir, not torchrun's TCPStore: the run dir is shared by every node already
@@ -31,9 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from rexmoe_train.core.attempts import EXIT_HUNG, attempt_dir
+from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.resilience.attempts import attempt_dir
 
-__all__ = ["EXIT_HUNG", "Watchdog"]
+__all__ = ["Watchdog"]
 HANG_GRACE_S = 5.0  # after its dump, a rank waits this long for the other ranks' dumps before exiting
 
 
@@ -122,11 +123,11 @@ class Watchdog:
             f.flush()
             f.write("\nflight recorder: " + _dump_flight_recorder(self.hang / f"rank{self.rank}.flight_recorder.json")
                     + "\n")
-        print(header.rstrip() + f"; stacks in {self.hang}; exiting {EXIT_HUNG}", flush=True)
+        print(header.rstrip() + f"; stacks in {self.hang}; exiting {ExitCode.HUNG}", flush=True)
         # WHY wait: the other live ranks wait in the same collective and their budgets end moments
         # later; exiting at once would break their collective first (they would exit 77 without stacks)
         time.sleep(min(HANG_GRACE_S, budget))
-        self.exit(EXIT_HUNG)
+        self.exit(ExitCode.HUNG)
 
 
 def _dump_flight_recorder(path: Path) -> str:
