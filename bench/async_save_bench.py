@@ -26,6 +26,10 @@ Measured per save, on rank 0:
 
 Prints a table and JSON (--out): stall of async as a share of the blocking save. Speed targets are
 met here, not in tests.
+
+--breakdown: where the async stall goes, per rank: the median seconds per async save spent in each
+step of save() and of the finalize() that completes it (nested: "save" contains the others of its
+phase, "finalize_save" contains "finish"), from timers around the manager's and megatron's functions.
 """
 
 from __future__ import annotations
@@ -52,7 +56,63 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def worker(steps: int, every: int, repeats: int, extra: list[str], out: str) -> None:
+class Breakdown:
+    """Timers around the functions an async save passes through (this bench's process only)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.totals: dict[str, float] = {}
+        self.per_save: list[dict[str, float]] = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - began
+
+        setattr(owner, name, timed)
+
+    def install(self, trainer) -> None:
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+        from rexmoe_train.checkpoint import layout, manager
+
+        ck = trainer.checkpoints
+        self.wrap(manager.CheckpointManager, "save", "save")
+        self.wrap(type(ck.model), "all_finite", "all_finite")
+        for name in ("any_rank", "_broadcast_object", "_global_max"):
+            self.wrap(manager, name, f"collective:{name}")
+        self.wrap(manager.CheckpointManager, "_sharded_state", "sharded_state_dict")
+        self.wrap(dist_checkpointing, "save", "megatron_plan_and_common_pt")
+        self.wrap(FileSystemWriterAsync, "prepare_write_data", "megatron_prepare_write_data(clone)")
+        self.wrap(AsyncCallsQueue, "schedule_async_request", "fork_writer")
+        self.wrap(AsyncCallsQueue, "maybe_finalize_async_calls", "finalize")
+        self.wrap(manager.CheckpointManager, "_finalize_save", "finalize_save")
+        self.wrap(manager.CheckpointManager, "_finish", "finish(rank0: manifest,fsync,rename,pointer)")
+        self.wrap(layout, "write_manifest", "write_manifest")
+        self.wrap(layout, "fsync_tree", "fsync_tree")
+        for name in ("barrier", "all_gather_object"):
+            self.wrap(dist, name, f"collective:{name}")
+
+    def end_save(self) -> None:
+        self.per_save.append(self.totals)
+        self.totals = {}
+
+    def medians(self) -> dict[str, float]:
+        labels = sorted({k for row in self.per_save for k in row})
+        return {k: statistics.median(row.get(k, 0.0) for row in self.per_save) for k in labels}
+
+
+def worker(steps: int, every: int, repeats: int, extra: list[str], out: str, breakdown: bool = False) -> None:
     from rexmoe_train import compat
 
     compat.install()
@@ -71,20 +131,32 @@ def worker(steps: int, every: int, repeats: int, extra: list[str], out: str) -> 
     for _ in range(3):
         trainer.train_step()
     trainer.save_checkpoint(blocking=True)  # untimed: megatron starts its writer machinery once
+    barrier = dist.barrier  # the segments' own barriers are not the save's
+    timers = Breakdown()
+    if breakdown:
+        timers.install(trainer)
     state_bytes = _dir_bytes(layout.save_root(trainer.cfg) / iter_name(trainer.step))
     segments = []
     for _ in range(repeats):
         for mode in MODES:
-            dist.barrier()
+            barrier()
             first_save = len(ck.save_times)
             began = time.perf_counter()
+            timers.active = mode == "async"
             for i in range(1, steps + 1):
                 trainer.train_step()
+                in_flight = ck.save_in_flight
                 ck.finalize(blocking=False)
+                if in_flight is not None and ck.save_in_flight is None:
+                    timers.end_save()
                 if mode != "none" and i % every == every // 2:
                     trainer.save_checkpoint(blocking=mode == "sync")
+            in_flight = ck.save_in_flight
             ck.finalize(blocking=True)
-            dist.barrier()
+            if in_flight is not None:
+                timers.end_save()
+            timers.active = False
+            barrier()
             wall = time.perf_counter() - began
             saves = ck.save_times[first_save:]
             segments.append({"mode": mode, "wall_s": wall, "saves": len(saves),
@@ -93,9 +165,12 @@ def worker(steps: int, every: int, repeats: int, extra: list[str], out: str) -> 
     trainer.logger.close()
     if trainer.lock is not None:
         trainer.lock.release()
+    per_rank = [None] * trainer.world_size
+    dist.all_gather_object(per_rank, timers.medians() if breakdown else None)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"world_size": trainer.world_size, "state_bytes": state_bytes, "segments": segments}, f)
+            json.dump({"world_size": trainer.world_size, "state_bytes": state_bytes, "segments": segments,
+                       "breakdown": per_rank if breakdown else None}, f)
 
 
 def summarise(result: dict) -> dict:
@@ -122,10 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=4, help="steps between saves in a segment")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--breakdown", action="store_true", help="time each step of an async save, per rank")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the JSON file rank 0 writes
     args, extra = p.parse_known_args(argv)
     if args.worker:
-        worker(args.steps, args.every, args.repeats, extra, args.worker)
+        worker(args.steps, args.every, args.repeats, extra, args.worker, args.breakdown)
         return 0
     rows = []
     for nproc in (int(n) for n in args.nproc.split(",")):
@@ -133,7 +209,7 @@ def main(argv=None) -> int:
         try:
             result_file = os.path.join(tmp, "result.json")
             inner = [__file__, "--worker", result_file, "--steps", str(args.steps), "--every", str(args.every),
-                     "--repeats", str(args.repeats), *extra]
+                     "--repeats", str(args.repeats), *(["--breakdown"] if args.breakdown else []), *extra]
             cmd = ([sys.executable, *inner] if nproc == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                     *inner])
@@ -153,6 +229,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"[async-save] {nproc} process(es): blocked per save sync {row['sync_blocked_s']:.3f} s, "
               f"async {row['async_blocked_s']:.3f} s", flush=True)
+        if result.get("breakdown"):
+            row["breakdown"] = result["breakdown"]
+            for rank, medians in enumerate(result["breakdown"]):
+                print(f"[async-save] rank {rank}, median s per async save: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()), flush=True)
     print("| processes | state MiB | s/step | blocked per save: sync / async (share) | async polls per save | "
           "extra wall per save: sync / async (share) | async save start to pointer |\n|---|---|---|---|---|---|---|")
     for r in rows:

@@ -4,7 +4,10 @@
 
 For each model shape x precision (bf16, fp8) x reuse r (1, 4) x dispatcher (megatron's ``alltoall``,
 ours ``rexmoe_dedup``): tokens/s, TFLOP/s and MFU of one fwd+bwd micro-batch (no optimizer step),
-median over timed iterations after warm-up. Then the custom kernels' effective bandwidth (dedup
+median over timed iterations after warm-up. The model is built as the Trainer builds it (Float16Module
+under bf16, megatron DDP: ``build_like_trainer``) and routes with FORCED BALANCE
+(``model.moe_router_force_load_balancing``; ``--natural-routing`` turns it off): the output says
+which. Then the custom kernels' effective bandwidth (dedup
 permute/unpermute, fused router; Triton vs their torch references) next to a measured device-to-
 device copy. Prints a table and writes JSON. Without CUDA it exits with status 2 and one line.
 Each case and section records its own failure (a row's ``error``, ``errors[<section>]``: exception
@@ -76,6 +79,9 @@ def _config(shape: Shape, reuse: int, precision: str, dispatcher: str, args):
     cfg.model.num_layers = shape.layers
     cfg.rexmoe.reuse_group_size = reuse
     cfg.rexmoe.psr.schedule = "none"  # steady state: every router sees all r*N candidates
+    # forced balance (benchmark only): random router logits, so the time does not depend on how an
+    # untrained router happens to route (an unlucky layer can send most tokens to one expert)
+    cfg.model.moe_router_force_load_balancing = not args.natural_routing
     cfg.train.seq_length, cfg.train.micro_batch_size = args.seq, args.micro_batch
     cfg.train.global_batch_size = args.micro_batch
     cfg.train.bf16 = True
@@ -85,15 +91,25 @@ def _config(shape: Shape, reuse: int, precision: str, dispatcher: str, args):
     return cfg.validate(1)
 
 
+def build_like_trainer(cfg, vocab: int):
+    """The model as the Trainer builds it (training/trainer.py): build_model, then
+    ``wrap_for_training`` (megatron's Float16Module under bf16, so norms, embeddings and the router's
+    input are bf16 and the fused paths run, then megatron DDP with its fp32 main-grad buffers)."""
+    from rexmoe_train.model.gpt import build_model
+    from rexmoe_train.training.optim import wrap_for_training
+
+    built = build_model(cfg, vocab)
+    return wrap_for_training(cfg, built.chunks, built.config)[0]
+
+
 def bench_model(shape: Shape, reuse: int, precision: str, dispatcher: str, args) -> dict:
     import torch
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 
     from rexmoe_train import compat, platform
-    from rexmoe_train.model.gpt import build_model
 
     cfg = _config(shape, reuse, precision, dispatcher, args)
-    model = build_model(cfg, shape.vocab).chunks[0]
+    model = build_like_trainer(cfg, shape.vocab)
     dev = platform.device()
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randint(0, shape.vocab, (args.micro_batch, args.seq), device=dev, generator=gen)
@@ -102,7 +118,7 @@ def bench_model(shape: Shape, reuse: int, precision: str, dispatcher: str, args)
     def step() -> None:
         MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0, device=dev)
         model(x, pos, None, labels=x).float().mean().backward()
-        model.zero_grad(set_to_none=True)
+        model.zero_grad_buffer()
         clear_aux_losses_tracker()
 
     times = _cuda_time(step, args.warmup, args.iters)
@@ -167,6 +183,13 @@ def bench_kernels(args) -> list[dict]:
     for row in results:
         row["fraction_of_copy"] = row["gb_per_s"] / copy_bw
     return results
+
+
+def routing_note(args) -> str:
+    if args.natural_routing:
+        return "routing: natural (the untrained routers' own choice; load depends on the init)"
+    return ("routing: FORCED BALANCE (model.moe_router_force_load_balancing: random router logits, "
+            "k candidates per token uniformly among the available ones; benchmark only)")
 
 
 def print_tables(rows: list[dict], kernels: list[dict]) -> None:
@@ -261,6 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel bandwidth part")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense peak TFLOP/s for MFU (default: by device name, bf16 or fp8)")
+    parser.add_argument("--natural-routing", action="store_true",
+                        help="route with the (untrained) router weights instead of forced balance")
     parser.add_argument("--out", default="gpu_bench.json", help="JSON results path")
     args = parser.parse_args(argv)
 
@@ -277,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rexmoe_train.parallel.state import init_distributed, init_model_parallel
 
     names = args.models.split(",")
-    head = {"device": platform.device_name(), "args": vars(args)}
+    head = {"device": platform.device_name(), "args": vars(args), "routing": routing_note(args)}
+    print(head["routing"])
     cases = [{"model": name, "layers": args.layers, "r": int(reuse), "precision": precision,
               "dispatcher": dispatcher}
              for name in names for precision in args.precisions.split(",")
@@ -306,6 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cases, sections = [], {}
     result = collect(cases, measure_case, sections, args.out, head)
     print()
+    print(head["routing"])
     print_tables(result["models"], result.get("kernels") or [])
     print(f"wrote {args.out}")
     failed = bool(result["errors"]) or any("error" in row for row in result["models"])

@@ -1,31 +1,27 @@
 """The GPU check kit's driver: every GPU path of the project in one time-boxed run.
 
     bench/gpu_check.sh [--budget 480] [--only a,b] [--dry-list]    # the entry point (installs wheels)
-    python bench/gpu_check.py --out DIR ...                        # this file, once imports work
+    python bench/gpu_check.py --out DIR [--work DIR] ...           # this file, once imports work
 
-Sections, in priority order (the most telling first, so a short budget still says the most):
-the compiled Triton kernels against their torch references, forward and backward (the GPU-marked
-tests of tests/kernels), the other GPU-marked tests (fp8 through the padded TE bank among them), the
-grouped-GEMM bank training the 2.3B dims (4 layers, seq 4096) with PSR ramping, capacity dropping,
-bias balancing, full recompute, 2 micro-batches per step and the distributed optimizer, then a
-resume from its step-2 checkpoint that must continue bitwise (both through
-bench/gpu_check_train.py, deterministic), the Transformer Engine bank in fp8 (delayed), bench/gpu_bench.py,
-fp8 tensorwise and blockwise, and the plain local / TE bf16 / r=1 smokes. docs/gpu.md has the table.
+Sections, in order of value. The ESSENTIALS first, within ESSENTIALS_BUDGET_S (5 minutes) by their own
+budget table (``Section.timeout_s``): device placement and exact bf16 counts after a Trainer step, one
+EP training step per dispatcher (``alltoall``, ``rexmoe_dedup``), the grouped-GEMM bank with every
+feature, and its resume from step 2, which must continue bitwise. Then the compiled Triton kernels
+against their references, the Transformer Engine bank in fp8 against the same run in bf16, the other
+GPU-marked tests, bench/gpu_bench.py, the other fp8 recipes, the plain smokes (table: docs/gpu.md).
 
-A section passes when its command exits 0 AND every claim it makes holds on what it wrote
-(``Section.checks``, asserted by ``CHECKS`` on the figures read back: junit counts, metrics.jsonl,
-model.json, config.yaml, the checkpoints, the bench JSON): e.g. ``grouped`` needs the grouped bank's
-forward count in metrics.jsonl to be > 0, ``resume_bitwise`` every logged loss and grad norm of the
-resumed steps equal to the reference run's to the last bit. A section that ``needs`` another is
-skipped unless that one passed. Checkpoints no later section needs are deleted as soon as possible
-(a 2.3B-dims checkpoint with Adam state is several GB).
+Verdicts. ``ok``: the command exited 0 AND every claim the section makes holds on what it wrote
+(``Section.checks``, asserted by ``CHECKS`` on the figures read back). ``failed`` / ``timeout``: the
+command failed, a claim did not hold, or the section ran past its OWN limit. ``not reached``: the
+overall budget ran out before the section started or while it ran (not a failure: rerun it with
+``--only``). ``not run``: it exited 0 but asserted nothing (a pytest section with 0 tests passed, e.g.
+every TE test skipped): never ok. ``skipped``: a requirement is missing (TE, pytest) or a section it
+needs did not pass. Exit status: 1 if any section failed or timed out, else 0 (the report's
+``verdict`` says ``pass`` only when every section is ok); 2: no CUDA device (one line, nothing run).
 
-Each section is a subprocess with its own time limit, clipped to what is left of the budget; a
-section that fails or times out is recorded and the next one runs. A section whose requirement is
-missing (TE, the grouped option, pytest) is skipped with one line saying why. After every section
-the results are rewritten to OUT/gpu_check.json and OUT/gpu_check.md, so a run killed from
-outside still leaves what it measured. Exit status: 0 all ran sections passed, 1 some failed or
-timed out, 2 no CUDA device (one line, nothing run).
+Files. The results folder (``--out``, $OUT) gets only ``gpu_check.json``, a one-page ``gpu_check.md``
+and ``logs.tar.gz`` (each log's tail), rewritten after every section; everything else (run dirs,
+checkpoints, XML, bench JSON, full logs) goes to the work folder (``--work``, under /tmp).
 """
 
 from __future__ import annotations
@@ -47,8 +43,14 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_check_probes import FP8_LOSS_RTOL, PROBE_CHECKS, TE_STEPS, _probe, probe_environment  # noqa: E402,F401
+
 DEFAULT_BUDGET_S = 480  # 8 minutes: a device command may run 10, and a rerun must still fit
+ESSENTIALS_BUDGET_S = 300  # the essential sections' limits add up to at most this (tested on CPU)
 MIN_START_S = 20  # a section is not started with less than this left: it could not finish
+RESULT_FILES = ("gpu_check.json", "gpu_check.md", "logs.tar.gz")  # all the results folder ever holds
+LOG_TAIL_BYTES = 64 * 1024  # of each section's log in logs.tar.gz
 
 
 @dataclass
@@ -61,54 +63,20 @@ class Section:
     artifact: Optional[str] = None  # junit xml / run dir / bench json, relative to the output dir
     checks: tuple = ()  # names in CHECKS: what the section claims, asserted on its figures
     needs: Optional[str] = None  # a section that must have passed first (the resume's reference run)
+    essential: bool = False  # one of the first sections, done within ESSENTIALS_BUDGET_S
 
 
 @dataclass
 class Result:
     name: str
-    status: str  # ok | failed | timeout | skipped
+    status: str  # ok | failed | timeout | not reached | not run | skipped
     seconds: float = 0.0
     reason: str = ""
     log: Optional[str] = None
     figures: dict = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------------
-# What this machine has (each probe in a subprocess: a broken TE build may crash its importer)
-# --------------------------------------------------------------------------------------------------
-def _probe(python: str, code: str, timeout: float = 120) -> tuple[bool, str]:
-    try:
-        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout,
-                              cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return False, f"probe timed out after {timeout:.0f} s"
-    text = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
-    return proc.returncode == 0, (text[-1] if text else f"exit {proc.returncode}")
-
-
-def probe_environment(python: str) -> dict:
-    env = {"python": sys.version.split()[0]}
-    for key, code in {
-        "torch": "import torch; print(torch.__version__, torch.version.cuda)",
-        "device": "import torch; print(torch.cuda.get_device_name())",
-        "triton": "import triton; print(triton.__version__)",
-        "megatron_core": "import megatron.core as m; print(m.__version__)",
-        "transformer_engine": "import transformer_engine.pytorch, transformer_engine as te; print(te.__version__)",
-        "pytest": "import pytest; print(pytest.__version__)",
-        "numpy": "import numpy; print(numpy.__version__)",
-        "grouped_gemm_option": ("import dataclasses; from rexmoe_train.config.schema import ExperimentConfig; "
-                                "names = {f.name for f in dataclasses.fields(ExperimentConfig().model)}; "
-                                "print('yes' if 'moe_grouped_gemm' in names else "
-                                "'no: model.moe_grouped_gemm is not in the config schema')"),
-    }.items():
-        ok, line = _probe(python, code)
-        env[key] = {"ok": ok and not line.startswith("no:"), "info": line}
-    return env
-
-
-# --------------------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------------------
+# ---- The plan ----
 def gpu_test_files(repo: Path = REPO) -> tuple[list[str], list[str]]:
     """(kernel test files, other test files) holding GPU-marked tests, relative to the repo."""
     kernels, others = [], []
@@ -159,8 +127,18 @@ def train_overrides(run_dir: str, reuse: int, impl: str, *, fp8: Optional[str] =
     return args
 
 
+ESSENTIAL_SEQ = 1024  # the essentials' sequence length: they prove paths, they do not time them
+
+
+def merge_overrides(base: list[str], extra) -> list[str]:
+    """``base`` with the keys ``extra`` sets replaced (Hydra refuses a key given twice)."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
+
+
 def plan(out: Path, python: str, env: dict, *, layers: int = 4, seq: int = 4096, steps: int = 4,
          repo: Path = REPO) -> list[Section]:
+    """The sections in order of value; ``out`` is the WORK folder (run dirs, junit XML, bench JSON)."""
     te = env.get("transformer_engine", {})
     te_skip = None if te.get("ok") else f"Transformer Engine does not import ({te.get('info', 'not probed')})"
     grouped = env.get("grouped_gemm_option", {})
@@ -169,6 +147,8 @@ def plan(out: Path, python: str, env: dict, *, layers: int = 4, seq: int = 4096,
         grouped_info[len("no: "):] if grouped_info.startswith("no: ")
         else f"could not read the config schema ({grouped_info})")
     has_pytest = env.get("pytest", {}).get("ok")
+    gpus = env.get("gpus", {}).get("info", "1")
+    ep = 2 if str(gpus).isdigit() and int(gpus) >= 2 else 1
     kernel_files, other_files = gpu_test_files(repo)
     sections = []
 
@@ -180,45 +160,73 @@ def plan(out: Path, python: str, env: dict, *, layers: int = 4, seq: int = 4096,
         return Section(name, [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                               f"--junitxml={out / xml}", *files], timeout, skip, "pytest", xml)
 
-    sections.append(pytest_section("triton_kernels", kernel_files, 90))
-    sections.append(pytest_section("gpu_tests", other_files, 150))
-
     def train(name: str, reuse: int, impl: str, skip: Optional[str], *, checks=("finite",),
-              deterministic: bool = False, needs: Optional[str] = None, timeout: float = 120, **kw) -> Section:
+              deterministic: bool = False, needs: Optional[str] = None, timeout: float = 120,
+              essential: bool = False, nproc: int = 1, extra: tuple = (), **kw) -> Section:
         run_dir = f"runs/{name}"
         entry = [str(repo / "bench" / "gpu_check_train.py")] if deterministic else ["-m", "rexmoe_train.cli.train"]
-        argv = [python, *entry,
-                *train_overrides(str(out / run_dir), reuse, impl, layers=layers, seq=seq, steps=steps, **kw)]
-        return Section(name, argv, timeout, skip, "train", run_dir, tuple(checks), needs)
+        launcher = [python] if nproc == 1 else [python, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc-per-node", str(nproc)]
+        kw.setdefault("seq", ESSENTIAL_SEQ if essential else seq)
+        argv = [*launcher, *entry, *merge_overrides(train_overrides(
+            str(out / run_dir), reuse, impl, layers=layers, steps=kw.pop("steps", steps), **kw), extra)]
+        return Section(name, argv, timeout, skip, "train", run_dir, tuple(checks), needs, essential)
 
+    def probe(name: str, args: list[str], overrides: list[str], checks: tuple, timeout: float,
+              skip: Optional[str] = None, essential: bool = False) -> Section:
+        result = f"{name}.json"
+        return Section(name, [python, str(repo / "bench" / "gpu_check_probes.py"), args[0], *args[1:],
+                              str(out / result), *overrides], timeout, skip, "probe", result, checks,
+                       essential=essential)
+
+    # ---- essentials (ESSENTIALS_BUDGET_S by their limits) ----
+    small = dict(layers=layers, seq=ESSENTIAL_SEQ, steps=2)  # the probe runs one of them
+    sections.append(probe("device_placement_bf16", ["placement"],
+                          merge_overrides(train_overrides(str(out / "runs" / "device_placement_bf16"), 4,
+                                                          "local", **small), ["train.global_batch_size=2"]),
+                          ("on_device", "bf16_counts"), 45, essential=True))
+    for dispatcher in ("alltoall", "rexmoe_dedup"):
+        sections.append(train(f"ep{ep}_step_{dispatcher}", 4, "local", None, essential=True, timeout=50,
+                              nproc=ep, steps=2,
+                              checks=("finite",) + (("dedup_ran",) if dispatcher != "alltoall" else ()),
+                              # 16 experts: the end-of-run checkpoint of 64 would cost more than the step
+                              extra=("model.num_moe_experts=16", f"parallel.moe_token_dispatcher_type={dispatcher}",
+                                     f"parallel.expert_model_parallel_size={ep}",
+                                     f"train.global_batch_size={ep}")))
     # the grouped bank with everything the plain smoke leaves out, then a resume from its step-2
     # checkpoint that must continue bitwise (both deterministic: bench/gpu_check_train.py)
     features = "train_grouped_features_r4"
     sections.append(train(features, 4, "local", grouped_skip, grouped=True, features=True, deterministic=True,
-                          timeout=150, checks=("finite", "grouped", "psr_ramp", "capacity", "expert_bias",
-                                               "features_config", "microbatches_2", "checkpoints_every_2")))
+                          timeout=75, essential=True,
+                          checks=("finite", "grouped", "psr_ramp", "capacity", "expert_bias",
+                                  "features_config", "microbatches_2", "checkpoints_every_2")))
     sections.append(train(f"resume_{features[len('train_'):]}", 4, "local", grouped_skip, grouped=True,
-                          features=True, deterministic=True, needs=features,
+                          features=True, deterministic=True, needs=features, timeout=60, essential=True,
                           load=str(out / "runs" / features / "checkpoints" / f"iter_{2:07d}"),
                           checks=("finite", "grouped", "resume_bitwise")))
-    sections.append(train("train_te_fp8_r4", 4, "transformer_engine", te_skip, fp8="delayed"))
+    # ---- then by value ----
+    sections.append(pytest_section("triton_kernels", kernel_files, 90))
+    te_overrides = train_overrides(str(out / "runs" / "te"), 4, "transformer_engine", layers=layers,
+                                   seq=ESSENTIAL_SEQ, steps=TE_STEPS)
+    sections.append(probe("te_fp8_delayed_vs_bf16_r4", ["te", "delayed"], te_overrides,
+                          ("te_used", "fp8_used", "fp8_close"), 120, te_skip))
+    sections.append(pytest_section("gpu_tests", other_files, 150))
     precisions = "bf16,fp8" if te.get("ok") else "bf16"  # without TE the fp8 rows could only fail
     sections.append(Section(
         "gpu_bench", [python, str(repo / "bench" / "gpu_bench.py"), "--models", "2.3b", "--layers",
                       str(layers), "--seq", str(seq), "--reuse", "1,4", "--precisions", precisions,
                       "--warmup", "2", "--iters", "5", "--out", str(out / "gpu_bench.json")],
         180, None, "bench", "gpu_bench.json", ("bench_rows",)))
-    sections.append(train("train_te_fp8_tensorwise_r4", 4, "transformer_engine", te_skip, fp8="tensorwise"))
-    sections.append(train("train_te_fp8_blockwise_r4", 4, "transformer_engine", te_skip, fp8="blockwise"))
+    for recipe in ("tensorwise", "blockwise"):
+        sections.append(probe(f"te_fp8_{recipe}_vs_bf16_r4", ["te", recipe], te_overrides,
+                              ("te_used", "fp8_used", "fp8_close"), 120, te_skip))
     sections.append(train("train_local_r4", 4, "local", None))
-    sections.append(train("train_te_bf16_r4", 4, "transformer_engine", te_skip))
+    sections.append(probe("te_bf16_r4", ["te", "none"], te_overrides, ("te_used", "probe_finite"), 60, te_skip))
     sections.append(train("train_local_r1", 1, "local", None))
     return sections
 
 
-# --------------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------------
+# ---- Running ----
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
@@ -277,6 +285,7 @@ def read_figures(section: Section, out: Path) -> dict:
                                 for r in steps]
             figures["psr_candidates"] = [r.get("psr_candidates") for r in steps]
             figures["dropped_fraction_logged"] = all("dropped_fraction" in r for r in steps)
+            figures["dispatch_bytes_logged"] = all("dispatch_bytes" in r for r in steps)
             figures["expert_bias_range_max"] = max(
                 (max(r["expert_bias_range"]) for r in steps if r.get("expert_bias_range")), default=None)
             evals = [r["val_loss"] for r in records if "val_loss" in r]
@@ -287,6 +296,8 @@ def read_figures(section: Section, out: Path) -> dict:
                 figures["num_microbatches"] = json.loads(described.read_text()).get("num_microbatches")
             figures["checkpoints"] = sorted(p.name for p in (path / "checkpoints").glob("iter_*"))
             return figures
+        if section.kind == "probe":
+            return json.loads(path.read_text())
         if section.kind == "bench":
             data = json.loads(path.read_text())
             return {"models": data.get("models", []), "kernels": data.get("kernels", []),
@@ -342,6 +353,9 @@ def _check_bench(f: dict) -> Optional[str]:
 
 
 CHECKS: dict[str, Callable[[dict, Section, Path, dict], Optional[str]]] = {
+    **{name: (lambda f, *_, check=check: check(f)) for name, check in PROBE_CHECKS.items()},
+    "dedup_ran": lambda f, *_: None if f.get("dispatch_bytes_logged") else
+    "no dispatch_bytes in metrics.jsonl: the rexmoe_dedup dispatcher did not run",
     "finite": lambda f, *_: None if f.get("loss_finite") else "no finite loss logged",
     "grouped": lambda f, *_: None if (f.get("grouped_gemm_forwards") or 0) > 0 else
     "the grouped-GEMM bank never ran (metrics.jsonl: no grouped_gemm_forwards)",
@@ -370,18 +384,18 @@ def check_section(section: Section, figures: dict, out: Path, figures_of: dict) 
 
 
 def prune_checkpoints(sections: list[Section], done: int, out: Path) -> None:
-    """Delete the checkpoints of finished training sections that no later section needs: a 2.3B-dims
-    checkpoint with Adam state is ~4-5 GB, and the machine's disk is not sized for one per section."""
+    """Delete the checkpoints of finished training sections no later section needs (~4-5 GB each)."""
     needed = {s.needs for s in sections[done + 1:]}
     for s in sections[: done + 1]:
         if s.kind == "train" and s.artifact and s.name not in needed:
             shutil.rmtree(out / s.artifact / "checkpoints", ignore_errors=True)
 
 
-def run_sections(sections: list[Section], out: Path, budget_s: float, env: dict,
+def run_sections(sections: list[Section], work: Path, budget_s: float, env: dict,
                  clock: Callable[[], float] = time.monotonic,
                  on_result: Optional[Callable[[list[Result]], None]] = None) -> list[Result]:
-    """Run the sections in order within ``budget_s`` seconds in all; never stops at a failure."""
+    """Run the sections in order within ``budget_s`` seconds in all; never stops at a failure.
+    ``work`` holds what they write (logs, run dirs, junit XML)."""
     deadline = clock() + budget_s
     results: list[Result] = []
     by_name: dict[str, Result] = {}
@@ -391,37 +405,45 @@ def run_sections(sections: list[Section], out: Path, budget_s: float, env: dict,
         if section.skip is not None:
             result = Result(section.name, "skipped", reason=section.skip)
         elif section.needs and (needed is None or needed.status != "ok"):
-            result = Result(section.name, "skipped", reason=f"needs {section.needs}, which "
-                                                            f"{needed.status if needed else 'did not run'}")
+            status = "not reached" if needed is not None and needed.status == "not reached" else "skipped"
+            result = Result(section.name, status, reason=f"needs {section.needs}, which "
+                                                         f"{needed.status if needed else 'did not run'}")
         elif left < MIN_START_S:
-            result = Result(section.name, "skipped", reason=f"out of time ({max(left, 0):.0f} s of the "
-                                                            f"{budget_s:.0f} s budget left)")
+            result = Result(section.name, "not reached", reason=f"overall budget spent ({max(left, 0):.0f} s "
+                                                                f"of {budget_s:.0f} s left)")
         else:
-            result = run_one(section, out, min(section.timeout_s, left))
-            result.figures = read_figures(section, out)
-            if result.status == "ok" and section.kind == "pytest" and (
-                    result.figures.get("failures") or result.figures.get("errors")):
-                result.status, result.reason = "failed", "junit reports failures"
-            figures_of = {r.name: r.figures for r in results}
-            failed_checks = check_section(section, result.figures, out, figures_of)
-            if failed_checks:
-                result.reason = "; ".join(([result.reason] if result.reason else []) + failed_checks)[:1000]
-                if result.status == "ok":
-                    result.status = "failed"
-            elif section.checks and result.status == "ok":
-                result.figures["checked"] = list(section.checks)
+            limit = min(section.timeout_s, left)
+            result = run_one(section, work, limit)
+            if result.status == "timeout" and limit < section.timeout_s:
+                result.status = "not reached"
+                result.reason = (f"cut off by the overall budget after {result.seconds:.0f} s (its own limit: "
+                                 f"{section.timeout_s:.0f} s)")
+            result.figures = read_figures(section, work)
+            if result.status == "ok" and section.kind == "pytest":
+                if result.figures.get("failures") or result.figures.get("errors"):
+                    result.status, result.reason = "failed", "junit reports failures"
+                elif not result.figures.get("passed"):
+                    result.status = "not run"
+                    result.reason = f"0 tests passed ({_summary(result) or 'no junit report'}): nothing asserted"
+            if result.status not in ("not reached", "not run"):
+                figures_of = {r.name: r.figures for r in results}
+                failed_checks = check_section(section, result.figures, work, figures_of)
+                if failed_checks:
+                    result.reason = "; ".join(([result.reason] if result.reason else []) + failed_checks)[:1000]
+                    if result.status == "ok":
+                        result.status = "failed"
+                elif section.checks and result.status == "ok":
+                    result.figures["checked"] = list(section.checks)
         print(format_row(result), flush=True)
         results.append(result)
         by_name[section.name] = result
-        prune_checkpoints(sections, index, out)
+        prune_checkpoints(sections, index, work)
         if on_result is not None:
             on_result(results)
     return results
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------
+# ---- Report ----
 def _summary(result: Result) -> str:
     f = result.figures
     if "passed" in f:
@@ -435,35 +457,89 @@ def _summary(result: Result) -> str:
         if f.get("memory_gib") is not None:
             parts.append(f"{f['memory_gib']:.1f} GiB")
         return ", ".join(parts)
+    if "off_device" in f:
+        return f"{f.get('checked')} tensors on the GPU, {len(f.get('routers') or [])} routers' counts exact"
+    if "bf16" in f:
+        last = {k: (f.get(k) or {}).get("losses", [None])[-1] for k in ("bf16", "fp8")}
+        return ", ".join(f"{k} loss {v:.4f}" for k, v in last.items() if isinstance(v, float)) + \
+            f", {(f.get('bf16') or {}).get('te_modules')} TE modules"
     if "models" in f:
         ran = [m for m in f["models"] if "error" not in m]
         return f"{len(ran)}/{len(f['models'])} model cases, {len(f['kernels'])} kernel rows"
     return f.get("unreadable", "")
 
 
-def format_row(result: Result) -> str:
+def format_row(result: Result, width: int = 1000) -> str:
     detail = result.reason if result.status != "ok" else _summary(result)
-    return f"| {result.name} | {result.status} | {result.seconds:.0f} | {detail.replace('|', '/')} |"
+    detail = detail.replace("|", "/").replace("\n", " ")
+    detail = detail if len(detail) <= width else detail[: width - 3] + "..."
+    return f"| {result.name} | {result.status} | {result.seconds:.0f} | {detail} |"
 
 
-def write_report(out: Path, env: dict, results: list[Result], budget_s: float) -> None:
+def verdict(results: list[Result]) -> str:
+    """fail: something failed or timed out; pass: every section ok; else incomplete."""
+    if any(r.status in ("failed", "timeout") for r in results):
+        return "fail"
+    return "pass" if results and all(r.status == "ok" for r in results) else "incomplete"
+
+
+def budget_table(sections: list[Section]) -> dict:
+    essentials = [s for s in sections if s.essential]
+    return {"sections": {s.name: {"limit_s": s.timeout_s, "essential": s.essential} for s in sections},
+            "essentials_s": sum(s.timeout_s for s in essentials), "essentials_budget_s": ESSENTIALS_BUDGET_S}
+
+
+def pack_logs(work: Path, out: Path) -> None:
+    """OUT/logs.tar.gz: the last LOG_TAIL_BYTES of every log in the work folder (written atomically)."""
+    import io
+    import tarfile
+
+    logs = sorted((work / "logs").glob("*.log")) + sorted(work.glob("*.txt")) + sorted(work.glob("*.log"))
+    if not logs:
+        return
+    partial = out / "logs.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in logs:
+            data = path.read_bytes()[-LOG_TAIL_BYTES:]
+            info = tarfile.TarInfo(f"logs/{path.name}")
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    partial.replace(out / "logs.tar.gz")
+
+
+def write_report(out: Path, env: dict, results: list[Result], budget_s: float, work: Optional[Path] = None,
+                 sections: Optional[list[Section]] = None) -> None:
+    """OUT/gpu_check.json (everything), OUT/gpu_check.md (one page), OUT/logs.tar.gz; nothing else."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"env": env, "budget_s": budget_s, "sections": [dataclasses.asdict(r) for r in results]}
+    outcome = verdict(results)
+    doc = {"verdict": outcome, "exit_status": exit_status(results), "env": env, "budget_s": budget_s,
+           "work": str(work) if work else None, "budget_table": budget_table(sections or []),
+           "sections": [dataclasses.asdict(r) for r in results]}
     (out / "gpu_check.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = ["# GPU check", ""]
-    lines += [f"- {k}: {v['info'] if isinstance(v, dict) else v}" for k, v in env.items()]
+    counts = {s: sum(r.status == s for r in results) for s in
+              ("ok", "failed", "timeout", "not reached", "not run", "skipped")}
+    lines = ["# GPU check", "", f"**verdict: {outcome}** ({', '.join(f'{n} {s}' for s, n in counts.items() if n)};"
+             f" budget {budget_s:.0f} s)", ""]
+    lines += [f"- {k}: {str(v['info'] if isinstance(v, dict) else v)[:120]}" for k, v in env.items()]
     lines += ["", "| section | status | s | result |", "|---|---|---|---|"]
-    lines += [format_row(r) for r in results]
+    lines += [format_row(r, width=240) for r in results]
+    lines += ["", "Details: gpu_check.json; logs: logs.tar.gz (last 64 KiB of each)."]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    if work is not None:
+        pack_logs(work, out)
 
 
 def exit_status(results: list[Result]) -> int:
+    """1 if a section failed or ran past its own limit; not reached / not run / skipped are not failures."""
     return 1 if any(r.status in ("failed", "timeout") for r in results) else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_check_out"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_check_out"),
+                        help="results folder: gpu_check.json, gpu_check.md, logs.tar.gz only")
+    parser.add_argument("--work", default=None,
+                        help="where runs, checkpoints, XML and logs go (default: a new /tmp/rexmoe_gpu_check.*)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all sections")
     parser.add_argument("--only", default=None, help="comma list of section names (a rerun)")
     parser.add_argument("--layers", type=int, default=4)
@@ -479,11 +555,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not ok:
             print("gpu_check: no CUDA device on this machine; nothing run", file=sys.stderr)
             return 2
+    import tempfile
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rexmoe_gpu_check.", dir="/tmp"))
+    if work.resolve() == out or out in work.resolve().parents:
+        print(f"gpu_check: --work {work} must not be inside --out {out} (the results folder stays flat)",
+              file=sys.stderr)
+        return 2
     env = probe_environment(python)
-    install = out / "install.txt"
+    install = work / "install.txt"
     if install.exists():
         env["installed_wheels"] = {"ok": True, "info": install.read_text().strip()}
-    sections = plan(out, python, env, layers=args.layers, seq=args.seq, steps=args.steps)
+    sections = plan(work, python, env, layers=args.layers, seq=args.seq, steps=args.steps)
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {s.name for s in sections}
@@ -493,16 +576,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         sections = [s for s in sections if s.name in wanted]
     if args.dry_list:
+        table = budget_table(sections)
         for s in sections:
             state = f"skip: {s.skip}" if s.skip else f"run (limit {s.timeout_s:.0f} s)"
-            print(f"{s.name}: {state}\n    {' '.join(s.argv)}")
+            print(f"{s.name}: {state}{' [essential]' if s.essential else ''}\n    {' '.join(s.argv)}")
+        print(f"essentials: {table['essentials_s']:.0f} s of limits (at most {ESSENTIALS_BUDGET_S} s)")
         return 0
     for key, value in env.items():
         print(f"[env] {key}: {value['info']}", flush=True)
-    results = run_sections(sections, out, args.budget, env,
-                           on_result=lambda rs: write_report(out, env, rs, args.budget))
-    write_report(out, env, results, args.budget)
-    print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    print(f"[work] {work}", flush=True)
+    results = run_sections(sections, work, args.budget, env,
+                           on_result=lambda rs: write_report(out, env, rs, args.budget, work, sections))
+    write_report(out, env, results, args.budget, work, sections)
+    print(f"gpu_check: {verdict(results)}; wrote {', '.join(str(out / f) for f in RESULT_FILES)}")
     return exit_status(results)
 
 

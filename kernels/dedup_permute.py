@@ -62,12 +62,19 @@ def dedup_layout(routing_map: torch.Tensor, ep: int) -> tuple[torch.Tensor, torc
     tokens_n, experts = routing_map.shape
     if experts % ep:
         raise ValueError(f"routing_map has {experts} expert columns, not divisible by ep={ep}")
+    row_of, flat, rows_per_rank = _rows_layout(routing_map, ep)
+    tokens = flat.nonzero(as_tuple=True)[0] % max(tokens_n, 1)  # data-dependent size: a host sync
+    return row_of, tokens, rows_per_rank
+
+
+def _rows_layout(routing_map: torch.Tensor, ep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_of [T, ep], the rank-major flat use mask [ep*T], rows_per_rank [ep]): no host sync."""
+    tokens_n, experts = routing_map.shape
     uses = routing_map.reshape(tokens_n, ep, experts // ep).any(dim=-1)  # [T, ep]
     flat = uses.t().reshape(-1)  # rank-major: the send order
     row_index = torch.cumsum(flat.long(), 0) - 1
     row_of = torch.where(flat, row_index, torch.full_like(row_index, -1)).view(ep, tokens_n).t()
-    tokens = flat.nonzero(as_tuple=True)[0] % max(tokens_n, 1)
-    return row_of.contiguous(), tokens, uses.sum(dim=0)
+    return row_of.contiguous(), flat, uses.sum(dim=0)
 
 
 def dense_from_topk(indices: torch.Tensor, values: torch.Tensor, num_experts: int
@@ -90,7 +97,8 @@ def dedup_permute_reference(hidden: torch.Tensor, routing_map: torch.Tensor, pro
     tokens_n, experts = routing_map.shape
     local = experts // ep
     row_of, tokens, rows_per_rank = dedup_layout(routing_map, ep)
-    ranks = torch.repeat_interleave(torch.arange(ep, device=hidden.device), rows_per_rank)
+    ranks = torch.repeat_interleave(torch.arange(ep, device=hidden.device), rows_per_rank,
+                                    output_size=tokens.numel())
     chosen = routing_map.reshape(tokens_n, ep, local)[tokens, ranks]  # [R, L]
     # stable sort moves the chosen slots to the front in ascending slot order
     order = torch.sort(chosen.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
@@ -222,13 +230,16 @@ class _PermuteFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             tokens_n, experts = ctx.probs_shape
             ep = row_of.shape[1]
+            # sizes known on the host (tokens has one entry per row), no boolean-mask indexing: no
+            # host sync in the backward; padding slots add an exact 0 to their row's first column
             ranks = torch.repeat_interleave(torch.arange(ep, device=row_of.device),
-                                            (row_of >= 0).sum(dim=0))
+                                            (row_of >= 0).sum(dim=0), output_size=tokens.numel())
             valid = slots >= 0
             col = ranks[:, None] * (experts // ep) + slots.clamp(min=0)
-            flat = (tokens[:, None] * experts + col)[valid]
+            flat = (tokens[:, None] * experts + col).reshape(-1)
+            values = torch.where(valid, grad_gates, torch.zeros_like(grad_gates)).reshape(-1)
             grad_probs = grad_gates.new_zeros(tokens_n * experts)
-            grad_probs = grad_probs.index_add(0, flat, grad_gates[valid]).view(tokens_n, experts)
+            grad_probs = grad_probs.index_add(0, flat, values).view(tokens_n, experts)
         return grad_hidden, grad_probs, None, None, None, None, None
 
 
@@ -256,8 +267,8 @@ def dedup_permute(hidden: torch.Tensor, routing_map: torch.Tensor, probs: torch.
         raise ValueError(f"hidden has {hidden.shape[0]} tokens, routing_map {routing_map.shape[0]}")
     if not use_triton(impl):
         return dedup_permute_reference(hidden, routing_map, probs, ep, width)
-    row_of, _, rows_per_rank = dedup_layout(routing_map, ep)
-    num_rows = int(rows_per_rank.sum())  # host sync: the caller needs the splits on host anyway
+    row_of, _, rows_per_rank = _rows_layout(routing_map, ep)  # the kernel finds the tokens itself
+    num_rows = int(rows_per_rank.sum())  # THE host sync: the caller needs the splits on host anyway
     rows, gates, slots, tokens = _PermuteFn.apply(hidden.contiguous(), probs.contiguous(),
                                                   routing_map.contiguous(), row_of, num_rows, ep, width)
     return DedupPermuted(rows, gates, slots, tokens, rows_per_rank, row_of)
@@ -268,6 +279,9 @@ def dedup_unpermute(rows: torch.Tensor, row_of: torch.Tensor, impl: str = "auto"
     if not use_triton(impl):
         return dedup_unpermute_reference(rows, row_of)
     present = row_of >= 0
-    tokens = present.t().nonzero(as_tuple=True)[1]  # rank-major order = row order
+    # rank-major order = row order; the count is rows.shape[0], known on the host: no sync
+    # (CUDA from torch 2.6; before 2.9 it crashed on an empty input: no rows, no call)
+    tokens = torch.nonzero_static(present.t(), size=rows.shape[0])[:, 1] if rows.shape[0] else \
+        torch.zeros(0, dtype=torch.long, device=rows.device)
     return _UnpermuteFn.apply(rows.contiguous(), row_of.contiguous(), tokens)
 

@@ -26,11 +26,11 @@ dtype rounding as identity like autograd does for ``.type_as``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from rexmoe_train.core.gating import gate
+from rexmoe_train.core.gating import AvailabilityMask, as_mask, gate
 from rexmoe_train.kernels._triton import empty, jit, next_pow2, tl, triton, use_triton
 
 __all__ = ["RouterOutput", "fused_router", "fused_router_reference"]
@@ -98,7 +98,9 @@ def _router_kernel(logits_ptr, allowed_ptr, values_ptr, indices_ptr, probs_ptr, 
         tl.store(aux_ptr + offs, aux, mask=tile_ok)
 
 
-def _launch(logits: torch.Tensor, topk: int, allowed: torch.Tensor, dense: bool):
+def _launch(logits: torch.Tensor, topk: int, allowed: torch.Tensor, renorm_aux: bool, dense: bool):
+    """``allowed``: uint8 [C] on the logits' device; ``renorm_aux``: some candidate is masked (decided
+    on the host: reading ``allowed.all()`` back here would stall the host every call)."""
     tokens_n, cands = logits.shape
     dev = logits.device
     values = empty((tokens_n, topk), logits.dtype, dev)
@@ -114,9 +116,8 @@ def _launch(logits: torch.Tensor, topk: int, allowed: torch.Tensor, dense: bool)
     block_t = max(1, min(64, 4096 // block_c))
     if tokens_n:
         _router_kernel[(triton.cdiv(tokens_n, block_t),)](
-            logits, allowed.to(device=dev, dtype=torch.uint8).contiguous(), values, indices,
-            probs, routing, aux, tokens_n, cands, int(not bool(allowed.all())), K=topk, DENSE=dense, BLOCK_T=block_t,
-            BLOCK_C=block_c)
+            logits, allowed, values, indices, probs, routing, aux, tokens_n, cands, int(renorm_aux),
+            K=topk, DENSE=dense, BLOCK_T=block_t, BLOCK_C=block_c)
     if not dense:
         return values, indices, None, None, None
     return values, indices, probs, routing.view(torch.bool), aux
@@ -124,8 +125,9 @@ def _launch(logits: torch.Tensor, topk: int, allowed: torch.Tensor, dense: bool)
 
 class _RouterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, allowed, topk, dense):
-        values, indices, probs, routing, aux = _launch(logits, topk, allowed, dense)
+    def forward(ctx, logits, allowed, renorm_aux, topk, dense):
+        values, indices, probs, routing, aux = _launch(logits, topk, allowed, renorm_aux, dense)
+        ctx.renorm_aux = renorm_aux
         ctx.save_for_backward(logits, allowed, indices)
         ctx.mark_non_differentiable(*(x for x in (indices, routing) if x is not None))
         return values, indices, probs, routing, aux
@@ -143,27 +145,33 @@ class _RouterFn(torch.autograd.Function):
         mask = allowed.to(g.device, g.dtype)
         if d_aux is not None:
             d_aux = d_aux.float()
-            if not bool(allowed.all()):  # through aux = m*s / sum(m*s)
+            if ctx.renorm_aux:  # through aux = m*s / sum(m*s)
                 masked = s * mask
                 total = masked.sum(dim=-1, keepdim=True).clamp_min(1e-20)
                 d_aux = (d_aux - (d_aux * masked / total).sum(dim=-1, keepdim=True)) / total
             g += d_aux
         g = g * mask
         d_logits = s * (g - (s * g).sum(dim=-1, keepdim=True))
-        return d_logits.to(logits.dtype), None, None, None
+        return d_logits.to(logits.dtype), None, None, None, None
 
 
-def fused_router(logits: torch.Tensor, topk: int, allowed: Optional[torch.Tensor] = None,
+def fused_router(logits: torch.Tensor, topk: int,
+                 allowed: Union[None, torch.Tensor, AvailabilityMask] = None,
                  dense: bool = True, impl: str = "auto") -> RouterOutput:
     """softmax_then_topk gating with the PSR mask on the scores; see the module docstring.
 
-    ``allowed`` bool [C] (None: all available). ``dense``: also return probs, routing map and aux
-    scores (what ReXMoERouter's balance losses need)."""
+    ``allowed`` bool [C] on the host or an AvailabilityMask (None: all available; the router passes
+    its cached AvailabilityMask, so the mask reaches the device once per step, not per call).
+    ``dense``: also return probs, routing map and aux scores (what ReXMoERouter's balance losses
+    need)."""
     cands = logits.shape[-1]
     if not 0 < topk <= cands:
         raise ValueError(f"topk={topk} must be in [1, {cands}]")
     if not use_triton(impl):
         return fused_router_reference(logits, topk, allowed, dense)
-    if allowed is None:
-        allowed = torch.ones(cands, dtype=torch.bool, device=logits.device)
-    return RouterOutput(*_RouterFn.apply(logits.contiguous(), allowed.to(logits.device), topk, dense))
+    mask = as_mask(allowed)
+    if mask is None or mask.all:
+        device_mask, renorm_aux = torch.ones(cands, dtype=torch.uint8, device=logits.device), False
+    else:
+        device_mask, renorm_aux = mask.on(logits.device, torch.uint8), True
+    return RouterOutput(*_RouterFn.apply(logits.contiguous(), device_mask, renorm_aux, topk, dense))

@@ -15,9 +15,12 @@ class ExitCode(IntEnum):
     PREEMPTED = 75  # SIGTERM/SIGUSR1 or the time budget: checkpoint saved, requeue me (EX_TEMPFAIL)
     HUNG = 76  # a section overran its watchdog budget: stacks dumped, restart me
     PEER_FAILED = 77  # a collective failed because another rank went away: not the cause
+    HANGUP = 129  # SIGHUP (128 + 1: a closed terminal, a dropped ssh session): checkpoint saved; a
+    #               user-side stop like Ctrl-C, so neither the launcher nor slurm.sbatch restarts it
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): checkpoint saved, do not restart
 
 
-NO_RESTART = frozenset({ExitCode.USAGE, ExitCode.HALTED, ExitCode.PREEMPTED, ExitCode.INTERRUPTED})
+NO_RESTART = frozenset({ExitCode.USAGE, ExitCode.HALTED, ExitCode.PREEMPTED, ExitCode.HANGUP,
+                        ExitCode.INTERRUPTED})
 """Codes the launcher passes through instead of restarting: the same run would end the same way, or
 the user asked it to stop."""

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def _torchrun_pytest(nproc: int, folder: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "pytest", "-q", "-p", "no:cacheprovider", folder]
+           "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", folder]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

@@ -29,7 +29,7 @@ LAYERS = {
     "model": 5,
     "checkpoint": 6, "resilience": 6,
     "training": 7,
-    "convert": 8, "tools": 8,
+    "convert": 8, "tools": 8, "plan": 8,
     "cli": 9,
 }
 

@@ -139,7 +139,8 @@ def evaluate_variant(variant: Variant, args) -> dict:
     run_dir = args.out / variant.name
     out = run_dir / "eval.json"
     cmd = [_python(), "-m", "rexmoe_train.cli.eval", str(run_dir / "checkpoints"),
-           "--batches", str(args.eval_batches), "--out", str(out)]
+           "--batches", str(args.eval_batches), "--out", str(out),
+           "--overwrite"]  # a rerun evaluates again and replaces its own eval.json (rexmoe-eval marks it)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RecipeError(f"{variant.name}: rexmoe-eval failed: {(proc.stderr or proc.stdout).strip()[-300:]}")

@@ -23,12 +23,14 @@ JSON) and a load refuses a checkpoint whose manifest is unsigned or signed with 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
 import os
 import re
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -177,6 +179,25 @@ def manifest_digest(ckpt: Path) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 # finding a checkpoint and reading its manifest
 # --------------------------------------------------------------------------------------------------
+def why_not_a_dir(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be used as a directory, in words (None when it is one, or is simply
+    absent with a creatable name): a symlink loop, a dangling symlink, or an existing non-directory.
+    Path.exists() is False for the first two, so a mkdir would report them as 'File exists'."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop (it never reaches a directory)"
+        if os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+        if err.errno == errno.ENOTDIR:
+            return "lies below a file, not a directory"
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return "exists and is not a directory"
+    return None
+
+
 def read_tracker(root: Path) -> int:
     path = root / TRACKER
     try:
@@ -203,10 +224,11 @@ def locate(cfg) -> Optional[Path]:
             return None
         return root / iter_name(read_tracker(root))
     path = Path(ck.load)
+    problem = why_not_a_dir(path)
+    if problem:
+        raise CheckpointError(f"checkpoint error: checkpoint.load={ck.load!r} {problem}")
     if not path.exists():
         raise CheckpointError(f"checkpoint error: checkpoint.load={ck.load!r}: no such directory")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint error: checkpoint.load={ck.load!r}: not a directory")
     if (path / TRACKER).exists():
         return path / iter_name(read_tracker(path))
     if (path / META).exists():
@@ -220,8 +242,9 @@ def read_metadata(ckpt: Path, verify: bool = True) -> dict:
     file it lists: there, whole, and (``verify``) with the recorded content digest. The only reads
     before this returns are the manifest (JSON) and the files' raw bytes: nothing is unpickled."""
     if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint error: {ckpt} does not exist (the pointer names a missing "
-                              "checkpoint)")
+        problem = why_not_a_dir(ckpt) or "does not exist"
+        raise CheckpointError(f"checkpoint error: {ckpt} {problem} (the pointer "
+                              f"{ckpt.parent / TRACKER} names it as the newest checkpoint)")
     path = ckpt / META
     try:
         raw = path.read_bytes()
@@ -331,18 +354,49 @@ def remove_stale_tmp(root: Path) -> None:
 
 
 def prune(root: Path, step: int, keep_last_n: Optional[int], after_first=None) -> None:
-    """Remove the oldest iter_* dirs before ``step`` so that keep_last_n remain (the new one
-    included). Dirs of later steps (an abandoned timeline) are left alone."""
+    """Remove the oldest checkpoints before ``step`` so that keep_last_n remain (the new one
+    included). Only what this project wrote is touched: an ``iter_*`` dir counts as a checkpoint only
+    when it is a real directory holding a readable manifest, and only the files that manifest lists
+    are removed (a file put there since stays, with its directory). Dirs of later steps (an
+    abandoned timeline) are left alone."""
     if keep_last_n is None:
         return
     older = []
     for d in root.glob("iter_*"):
         suffix = d.name[len("iter_"):]
-        if d.is_dir() and suffix.isdigit() and int(suffix) < step:
-            older.append((int(suffix), d))
+        if suffix.isdigit() and int(suffix) < step and not d.is_symlink() and d.is_dir():
+            listed = _listed_files(d)
+            if listed is not None:
+                older.append((int(suffix), d, listed))
     older.sort()
     doomed = older[: max(0, len(older) - (keep_last_n - 1))]
-    for i, (_, d) in enumerate(doomed):
-        shutil.rmtree(d, ignore_errors=True)
+    for i, (_, d, listed) in enumerate(doomed):
+        _remove_listed(d, listed)
         if i == 0 and after_first is not None:
             after_first()
+
+
+def _listed_files(ckpt: Path) -> Optional[list[str]]:
+    """The files a checkpoint's manifest lists (the manifest last), or None without a usable one."""
+    try:
+        meta = json.loads((ckpt / META).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):
+        return None
+    names = [n for n in files if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]
+    return names + [META]
+
+
+def _remove_listed(ckpt: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (ckpt / name).unlink()
+        except OSError:  # already gone, or not a file: whatever it is, it is not removed
+            pass
+    for dirpath, _, _ in os.walk(ckpt, topdown=False):  # deepest first
+        try:
+            os.rmdir(dirpath)  # only empty ones: anything left is not the project's
+        except OSError:
+            pass

@@ -17,34 +17,23 @@ written again (e.g. after loading an older checkpoint, or a damaged newer one). 
 save (ENOSPC...) is one CheckpointError line naming the path and errno; the partial ``.tmp`` is
 removed and the previous checkpoint and pointer are untouched.
 
-Asynchronous saves (``checkpoint.async_save``, megatron-core's async dist-checkpointing). The shards
-are planned and ``common.pt`` written in the training loop; the shard files are then written by a
-forked process (megatron's TemporalAsyncCaller: the fork is a copy-on-write snapshot of this rank's
-state on CPU; on a GPU megatron copies the state to host memory first) while training continues.
-That process also hashes the files it wrote, so each rank digests its own shards. The checkpoint is
-finalized by :meth:`CheckpointManager.finalize` (collective; the trainer calls it after every step
-without waiting, and waiting before a new save, the final save and a pre-emption exit): once every
-rank's write is done, megatron writes ``.metadata``, the digests are gathered to rank 0, and rank 0
-writes the manifest, renames and replaces the pointer exactly as a blocking save does. So the
-pointer never names a checkpoint whose files are not all written, and a process killed while the
-background write runs leaves the previous checkpoint as the one that resumes (the ``.tmp`` is
-removed at the next start). After an async save the older ``iter_*`` dirs are pruned by a thread
-(joined before the next save renames anything, and by a blocking finalize). The persistent (spawned)
-worker is not used: it would receive CPU tensors through shared memory that training keeps
-updating, i.e. no snapshot.
-
-Fault injection for the tests goes through :func:`set_fault_hook`: production code only names the
-points of a save (``SAVE_POINTS``; ``WRITER_POINTS`` run in the process that writes the shards) and
-calls a hook that does nothing unless a test installs one.
+Asynchronous saves (``checkpoint.async_save``): the shards are planned and ``common.pt`` written in
+the training loop; a forked writer per rank writes and digests the shard files while training goes
+on (async_save.py). The save is committed by :meth:`CheckpointManager.finalize` (collective; the
+trainer calls it after every step without waiting, and waiting before a new save, the final save and
+a pre-emption exit): once every rank's write is done, megatron writes ``.metadata``, the digests are
+gathered to rank 0, and rank 0 writes the manifest, renames and replaces the pointer exactly as a
+blocking save does. So the pointer never names a checkpoint whose files are not all written, and a
+process killed while the background write runs leaves the previous checkpoint as the one that resumes
+(the ``.tmp`` is removed at the next start). After an async save the older ``iter_*`` dirs are pruned
+by a thread (joined before the next save renames anything, and by a blocking finalize). The points
+where the tests inject faults are named in faults.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno as errno_names
-import multiprocessing
 import os
-import re
 import shutil
 import threading
 import time
@@ -58,7 +47,8 @@ import torch.distributed as dist
 
 from rexmoe_train import platform
 from rexmoe_train.checkpoint import compatibility, layout, resume
-from rexmoe_train.checkpoint.errors import CheckpointError
+from rexmoe_train.checkpoint.errors import CheckpointError, save_failure
+from rexmoe_train.checkpoint.faults import fault_point as _at
 from rexmoe_train.checkpoint.state import (
     DataPosition,
     ModelState,
@@ -74,26 +64,9 @@ require_installed()  # megatron-facing
 
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy  # noqa: E402
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
-SAVE_POINTS = ("start", "after_shards", "after_meta", "before_rename", "after_rename",
-               "pointer_tmp", "after_pointer", "mid_prune")
-# in the shard-writing process (forked for an async save), after this rank's shard files are written
-# and before their digests: the save is not finalized, the pointer names the previous checkpoint
-WRITER_POINTS = ("async_write",)
-_fault_hook: Optional[Callable[[str, int], None]] = None
-
-
-def set_fault_hook(hook: Optional[Callable[[str, int], None]]) -> None:
-    """Test seam: ``hook(point, step)`` runs at each of SAVE_POINTS (e.g. to SIGKILL the process)."""
-    global _fault_hook
-    _fault_hook = hook
-
-
-def _at(point: str, step: int) -> None:
-    if _fault_hook is not None:
-        _fault_hook(point, step)
+from rexmoe_train.checkpoint.async_save import AsyncSaveQueue, DigestChannel, SaveHandle, with_digests  # noqa: E402
 
 
 def any_rank(flag: bool) -> bool:
@@ -112,113 +85,6 @@ def _broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _os_error(err: BaseException) -> Optional[OSError]:
-    """The OSError behind ``err``: itself, a cause/context, or one of the per-rank failures torch's
-    CheckpointException (a BaseException) collects as (exception, traceback) pairs. megatron's async
-    file writer re-raises a worker's OSError as ``RuntimeError("Worker failure: [Errno 28] ...")``:
-    the errno is read back from that text."""
-    seen = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, tuple):  # torch's WRAPPED_EXCEPTION
-            e = e[0] if e else None
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        found = _ERRNO_TEXT.search(str(e))
-        if found:
-            return OSError(int(found.group(1)), found.group(2).strip())
-        stack += [e.__cause__, e.__context__]
-        stack += list(getattr(e, "failures", {}).values())
-    return None
-
-
-def _nearly_full(path: Path) -> bool:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
-
-
-_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:'\n]+)")
-
-
-def describe_os_error(err: OSError, fallback: Path) -> str:
-    name = errno_names.errorcode.get(err.errno, str(err.errno))
-    return f"{err.filename or fallback}: [{name}] {err.strerror or err}"
-
-
-def _set_parent_death_signal() -> None:
-    """Linux: this (forked writer) process gets SIGKILL when the trainer dies, so a killed trainer
-    does not leave a writer behind that keeps writing into a ``.tmp`` the next start removes."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-
-
-def _write_then_digest(write_fn: Callable, sink: Callable[[dict], None], algorithm: str, step: int,
-                       forked: bool, *args, **kwargs) -> None:
-    """megatron's shard writer (``FileSystemWriterAsync.write_preloaded_data_multiproc``, args
-    ``(rank, write_buckets, results_queue)``), then the size and content digest of each file this
-    rank wrote, handed to ``sink``. Runs in the forked writer process for an async save, so the
-    training loop never waits for hashing. A failed write sends nothing: megatron's finalize step
-    reports the failure on every rank."""
-    if forked:
-        _set_parent_death_signal()
-    write_fn(*args, **kwargs)
-    _at("async_write", step)
-    files = [(Path(bucket[0]), bucket[1]) for bucket in args[1]]
-    try:
-        digests = layout._parallel(lambda f: layout.file_digest(f[0], algorithm), files)
-        sink({name: {"size": path.stat().st_size, algorithm: d} for (path, name), d in zip(files, digests)})
-    except OSError:
-        sink({})
-
-
-class _Digests:
-    """This rank's file digests from the writer: a pipe from the forked process, or a list in-process."""
-
-    def __init__(self, forked: bool) -> None:
-        self.forked = forked
-        if forked:
-            self._recv, self._send = multiprocessing.get_context("fork").Pipe(duplex=False)
-            self.sink = self._send.send
-        else:
-            self._box: list = []
-            self.sink = self._box.append
-
-    def take(self) -> dict:
-        """After the writer has finished (finalize runs only then): what it sent, {} if nothing."""
-        if not self.forked:
-            return self._box[0] if self._box else {}
-        try:
-            return self._recv.recv() if self._recv.poll() else {}
-        except (EOFError, OSError):
-            return {}
-        finally:
-            self._recv.close()
-            self._send.close()
-
-
-@dataclasses.dataclass
-class _PendingSave:
-    step: int
-    tmp: Path
-    final: Path
-    manifest: dict  # taken when the save started (skipped_steps moves on while the files are written)
-    digests: _Digests
-    started: float  # time.perf_counter() at the start of the save
-    blocking_s: float = 0.0  # time the training loop spent in save() and in the finalize() that completed it
-    polls_s: float = 0.0  # in finalize() calls that found a write still running (one all_reduce each)
 
 
 class NonFiniteWeights(RuntimeError):
@@ -252,9 +118,8 @@ class CheckpointManager:
         self.root = layout.save_root(cfg)
         self.loaded: Optional[tuple[int, str]] = None  # (step, manifest digest) of what load() read
         self.saved_step: Optional[int] = None  # the step this process wrote (or verified on disk)
-        self._async_calls: Optional[AsyncCallsQueue] = None  # created at the first async save
-        self._pending: Optional[_PendingSave] = None  # the async save not finalized yet
-        self._finalize_error: Optional[str] = None
+        self._saves = AsyncSaveQueue()
+        self._inflight: Optional[SaveHandle] = None  # the save not committed yet
         self._config_yaml: Optional[str] = None  # config.yaml of every save (the config does not change)
         self._pruner: Optional[threading.Thread] = None  # an async save's pruning of older iter_* dirs
         # per finalized save: (step, seconds the training loop was blocked by save() and the finalize()
@@ -347,46 +212,28 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(error)
         chain = _global_max(chain_length(self.optimizer.optimizer))
-        pending = _PendingSave(step, tmp, final, self._manifest(step, chain), _Digests(asynchronous), start)
-        request = self._with_digests_and_finalize(request, pending, forked=asynchronous)
+        handle = SaveHandle(step, tmp, final, self._manifest(step, chain), DigestChannel(asynchronous), start)
+        request = with_digests(request, handle, self._commit, forked=asynchronous)
         self.saved_step = step
+        self._inflight = handle
         if asynchronous:
-            if self._async_calls is None:
-                self._async_calls = AsyncCallsQueue(persistent=False)
-            self._async_calls.schedule_async_request(request)
-            self._pending = pending
-            self._account(pending, time.perf_counter() - entered)
+            self._saves.submit(request, handle)
+            self._account(handle, time.perf_counter() - entered)
             return final
-        args = list(request.async_fn_args)
-        if request.preload_fn is not None:
-            args[1] = request.preload_fn()
-        if request.async_fn is not None:
-            request.async_fn(*args, **request.async_fn_kwargs)
-        dist.barrier()
-        self._pending = pending
-        for finalize_fn in request.finalize_fns:
-            finalize_fn()
-        self._account(pending, time.perf_counter() - entered)
-        self._raise_finalize_error()
+        try:
+            request.execute_sync()  # write, barrier, megatron's finalize steps, then our commit
+        finally:
+            self._inflight = None
+            self._account(handle, time.perf_counter() - entered)
+        handle.wait()  # a failed commit raises here
         return final
 
-    def _with_digests_and_finalize(self, request: AsyncRequest, pending: _PendingSave, forked: bool) -> AsyncRequest:
-        """megatron's request with the writer followed by this rank's digests, and megatron's
-        finalize steps (``.metadata``, ``metadata.json``) followed by the manifest, rename and pointer."""
-        write_fn = request.async_fn
-        if write_fn is not None:
-            write_fn = partial(_write_then_digest, write_fn, pending.digests.sink, layout.hash_name(),
-                               pending.step, forked)
-        finalize = partial(self._finalize_save, pending, list(request.finalize_fns))
-        return AsyncRequest(write_fn, request.async_fn_args, [finalize], request.async_fn_kwargs,
-                            preload_fn=request.preload_fn)
-
-    def _finalize_save(self, pending: _PendingSave, megatron_finalize: list) -> None:
+    def _commit(self, handle: SaveHandle, megatron_finalize: list) -> None:
         """Collective, once every rank's shards are written: megatron's finalize steps, then rank 0
-        writes the manifest from the gathered digests, renames and moves the pointer. Errors are kept
-        in ``_finalize_error`` (one line, the same on every rank) and raised by the caller, outside
-        megatron's queue."""
-        step, tmp = pending.step, pending.tmp
+        writes the manifest from the gathered digests, renames and moves the pointer. The outcome (an
+        error is one line, the same on every rank) completes ``handle``, which raises it where the
+        save is waited on, outside megatron's queue."""
+        step, tmp = handle.step, handle.tmp
         rank = dist.get_rank()
         error = None
         try:
@@ -396,7 +243,7 @@ class CheckpointManager:
             error = self._save_failed(step, tmp, err)
         if error is None:
             _at("after_shards", step)
-        mine = pending.digests.take()
+        mine = handle.digests.take()
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (error, {} if error else mine))
         error = next((e for e, _ in gathered if e), None)
@@ -405,60 +252,61 @@ class CheckpointManager:
             for _, digests in gathered:
                 known.update(digests)
             try:
-                self._finish(self.root, tmp, pending.final, step, pending.manifest, known,
-                             prune_in_background=pending.digests.forked)
+                self._finish(self.root, tmp, handle.final, step, handle.manifest, known,
+                             prune_in_background=handle.digests.forked)
             except OSError as err:
                 error = self._save_failed(step, tmp, err)
         error = _broadcast_object(error)
-        self._pending = None
         if error:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            self._finalize_error = error
+            handle.complete(error)
             return
         dist.barrier()
         self.train_state.last_saved_step = step
-        total = time.perf_counter() - pending.started
-        self.save_times.append((step, pending.blocking_s, total, pending.polls_s))
-        how = "in the background" if pending.digests.forked else "blocking"
-        self.log(f"[checkpoint] saved step {step} to {pending.final} in {total:.1f} s ({how})")
+        total = time.perf_counter() - handle.started
+        self.save_times.append((step, handle.blocking_s, total, handle.polls_s))
+        handle.complete(None)
+        how = "in the background" if handle.digests.forked else "blocking"
+        self.log(f"[checkpoint] saved step {step} to {handle.final} in {total:.1f} s ({how})")
 
     def finalize(self, blocking: bool = False) -> bool:
         """Complete the async save in flight once every rank's write is done (collective: every rank
         calls it at the same point; one all_reduce while a save is in flight, nothing otherwise).
         ``blocking`` waits for the writers. True when no save is left in flight. A failed save raises
         CheckpointError on every rank (the previous checkpoint and the pointer are untouched)."""
-        if self._async_calls is None or not self._async_calls.get_num_unfinalized_calls():
+        handle = self._inflight
+        if handle is None:
             if blocking:
                 self._join_pruner()
             return True
-        entered, pending = time.perf_counter(), self._pending
-        self._async_calls.maybe_finalize_async_calls(blocking=blocking)
-        if pending is not None and self._pending is pending:  # still written: this was a poll
-            pending.polls_s += time.perf_counter() - entered
-        elif pending is not None:
-            self._account(pending, time.perf_counter() - entered)
-        if blocking:
-            self._join_pruner()
-        self._raise_finalize_error()
-        return not self._async_calls.get_num_unfinalized_calls()
+        entered = time.perf_counter()
+        try:
+            if blocking:
+                handle.wait()
+            else:
+                handle.done()
+        finally:
+            if handle.finished:
+                self._inflight = None
+                self._account(handle, time.perf_counter() - entered)
+            else:
+                handle.polls_s += time.perf_counter() - entered
+            if blocking:
+                self._join_pruner()
+        return handle.finished
 
-    def _account(self, pending: _PendingSave, seconds: float) -> None:
-        """Time the training loop spent blocked on ``pending`` (save_times holds it once finalized)."""
-        pending.blocking_s += seconds
-        if self.save_times and self.save_times[-1][0] == pending.step and self._pending is None:
+    def _account(self, handle: SaveHandle, seconds: float) -> None:
+        """Time the training loop spent blocked on ``handle`` (save_times holds it once committed)."""
+        handle.blocking_s += seconds
+        if handle.finished and self.save_times and self.save_times[-1][0] == handle.step:
             step, _, total, polls = self.save_times[-1]
-            self.save_times[-1] = (step, pending.blocking_s, total, polls)
+            self.save_times[-1] = (step, handle.blocking_s, total, polls)
 
     @property
     def save_in_flight(self) -> Optional[int]:
-        """The step of the async save not finalized yet, or None."""
-        return self._pending.step if self._pending is not None else None
-
-    def _raise_finalize_error(self) -> None:
-        error, self._finalize_error = self._finalize_error, None
-        if error:
-            raise CheckpointError(error)
+        """The step of the async save not committed yet, or None."""
+        return self._inflight.step if self._inflight is not None else None
 
     def _on_disk_is_loaded(self, step: int, final: Path) -> bool:
         """Rank 0: the pointer names ``step`` and ``final`` is, byte for byte, what load() read."""
@@ -473,20 +321,12 @@ class CheckpointManager:
         return meta["_digest"] == self.loaded[1]
 
     def _save_failed(self, step: int, tmp: Path, err: BaseException) -> str:
-        """One line for an OS error during a save. The partial directory is not removed here: other
+        """One line for an error during a save. The partial directory is not removed here: other
         ranks may still be writing into it (a rank that removed it made them fail on a missing
         directory instead of the real error); rank 0 removes it once every rank has reported."""
-        os_err = _os_error(err)
-        if os_err is None and _nearly_full(self.root):
-            # a full disk also surfaces without an errno (torch's zip writer: "unexpected pos")
-            os_err = OSError(errno_names.ENOSPC, os.strerror(errno_names.ENOSPC))
-        if os_err is not None:
-            where = describe_os_error(os_err, tmp)
-        else:
-            where = f"{tmp}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
         kept = self.train_state.last_saved_step
-        return (f"checkpoint error: saving step {step} failed: {where}; the previous checkpoint "
-                f"({'step ' + str(kept) if kept else 'none'}) and {layout.TRACKER} are untouched")
+        return (f"checkpoint error: saving step {step} failed: {save_failure(err, tmp, self.root)}; the previous "
+                f"checkpoint ({'step ' + str(kept) if kept else 'none'}) and {layout.TRACKER} are untouched")
 
     def _join_pruner(self) -> None:
         if self._pruner is not None:

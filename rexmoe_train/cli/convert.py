@@ -8,6 +8,11 @@
 
 CKPT is a training checkpoint directory (with latest_checkpointed_iteration.txt) or one iter_*
 directory, saved in any parallel layout. A bad input exits with status 2 and one line saying why.
+
+OUT is checked before any work: never an input, inside an input or a checkpoint, or around one, and
+never an existing non-empty directory this verb did not write. Every OUT carries .rexmoe-output.json
+(the verb and the files it wrote); --overwrite replaces only such an earlier output of the same verb
+holding nothing else (docs/convert.md).
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ def _upcycle(args) -> str:
     if missing:
         raise _error(f"upcycle: the target model has tensors the source lacks: {missing[:3]}")
     out = checkpoint_io.save_model(target, model, vocab, Path(args.out), step=step,
-                                   source=str(Path(args.checkpoint).resolve()), overwrite=args.overwrite)
+                                   source=str(Path(args.checkpoint).resolve()), overwrite=args.overwrite,
+                                   owner=_owner(args))
     psr = target.rexmoe.psr
     return (f"upcycled {checkpoint_io.describe_meta(meta)} to r={args.reuse_group_size} at {out}; "
             f"PSR keeps each layer's own experts until step {psr.start_step} (mask on logits) and opens "
@@ -180,10 +186,35 @@ def _inspect(args) -> str:
     return "\n".join(lines)
 
 
+def _owner(args) -> str:
+    return f"rexmoe-convert {args.command}"
+
+
+def _check_output(args) -> None:
+    """Before any work: the output is none of the inputs, no checkpoint or run dir, and (with
+    --overwrite) only ever an earlier output of the same verb (rexmoe_train/tools/outputs.py)."""
+    from rexmoe_train.tools import outputs
+
+    if args.command == "inspect":
+        return
+    inputs = [args.hf_dir] if args.command == "import-hf" else [args.checkpoint]
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer and tokenizer != "byte":
+        inputs.append(tokenizer)
+    try:
+        outputs.check_output_dir(args.out, inputs, _owner(args), args.overwrite)
+    except outputs.OutputError as err:
+        raise _error(str(err)) from None
+
+
 def _error(message: str) -> Exception:
     from rexmoe_train.convert.hf_format import ConvertError
 
     return ConvertError(message)
+
+
+OVERWRITE_HELP = ("replace OUT when it is an earlier output of this same verb (it holds .rexmoe-output.json "
+                  "and nothing else); anything else is never replaced")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -204,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
                                        "was preprocessed with, or byte (the default for a model trained on bytes)")
     e.add_argument("--eod-token", help="the tokenizer's end-of-document token (default: as rexmoe-preprocess "
                                        "finds it)")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights dtype of the export; bf16 halves the memory a large model needs")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -215,13 +246,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("out")
     i.add_argument("--step", type=int, default=1,
                    help="the step the checkpoint claims, >= 1 (default 1: checkpoints record completed steps)")
-    i.add_argument("--overwrite", action="store_true")
+    i.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     i.set_defaults(run=_import)
     u = sub.add_parser("upcycle", help="vanilla MoE checkpoint -> ReXMoE checkpoint")
     u.add_argument("checkpoint")
     u.add_argument("out")
     u.add_argument("--reuse-group-size", "-r", type=int, required=True)
-    u.add_argument("--overwrite", action="store_true")
+    u.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     u.set_defaults(run=_upcycle)
     s = sub.add_parser("inspect", help="config, layout, parameter counts, placement map")
     s.add_argument("checkpoint")
@@ -231,6 +262,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the console script itself, not a test calling main(argv) in-process
+        from rexmoe_train.resilience.stray_errors import route_stray_errors
+
+        route_stray_errors()  # "Exception ignored in ..." and thread tracebacks: off the terminal
     import warnings
 
     # torch.distributed.checkpoint warns about its own deprecations on every load/save
@@ -241,6 +276,7 @@ def main(argv=None) -> int:
     from rexmoe_train.convert.hf_format import ConvertError
 
     try:
+        _check_output(args)  # before anything is read, built or written
         compat.install()  # before the first megatron import
         print(args.run(args), flush=True)
     except (ConvertError, ConfigError) as err:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rexmoe_train.tools import evaluate as evaluate_module
+from rexmoe_train.tools import outputs
 
 PROG = evaluate_module.PROG
 
@@ -30,11 +32,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, help="windows per batch (default: train.micro_batch_size)")
     p.add_argument("--psr-step", choices=("checkpoint", "full"), default="checkpoint",
                    help="PSR mask of the checkpoint's step (default) or all r*N candidates")
-    p.add_argument("--out", help="write the JSON here (default: print the summary only)")
+    p.add_argument("--out", help="write the JSON here (default: print the summary only); checked before the "
+                                 "evaluation: never an existing directory, an input or a file inside a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is an earlier rexmoe-eval result (a file with "
+                        '"written_by": "rexmoe-eval"); any other file is never replaced')
     return p
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the console script itself, not a test calling main(argv) in-process
+        from rexmoe_train.resilience.stray_errors import route_stray_errors
+
+        route_stray_errors()  # "Exception ignored in ..." and thread tracebacks: off the terminal
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint's own
@@ -45,8 +55,8 @@ def main(argv=None) -> int:
         evaluate_module.positive("--micro-batch-size", args.micro_batch_size)
         if not Path(args.checkpoint).exists():
             raise evaluate_module.EvalError(f"{args.checkpoint}: no such checkpoint directory")
-        if args.out and not Path(args.out).resolve().parent.is_dir():
-            raise evaluate_module.EvalError(f"--out {args.out}: no such directory")
+        if args.out:
+            _check_out(args)
         from rexmoe_train import compat
         from rexmoe_train.config.schema import ConfigError
         from rexmoe_train.convert.hf_format import ConvertError
@@ -59,12 +69,38 @@ def main(argv=None) -> int:
     except evaluate_module.EvalError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
+    print(evaluate_module.summary(result), flush=True)  # first: a failed write below loses nothing shown
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(evaluate_module.summary(result), flush=True)
-    if args.out:
+        try:
+            _write_json(Path(args.out), outputs.stamp(result, PROG))
+        except OSError as err:
+            print(f"{PROG}: --out {args.out}: {err.strerror or err}", file=sys.stderr)
+            return 2
         print(f"  -> {args.out}", flush=True)
     return 0
+
+
+def _check_out(args) -> None:
+    """Every --out problem, before the evaluation runs (it takes minutes on a large model)."""
+    inputs = [args.checkpoint]
+    if args.tokenizer and args.tokenizer != "byte":
+        inputs.append(args.tokenizer)
+    for value in args.blend or ():
+        inputs += [f"{value}.{ext}" for ext in ("bin", "idx", "json")]  # a weight names no file: harmless
+    try:
+        outputs.check_output_file(args.out, inputs, PROG, args.overwrite, flag="--out")
+    except outputs.OutputError as err:
+        raise evaluate_module.EvalError(str(err)) from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written aside and renamed: an interrupted write never leaves half a file at --out."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from rexmoe_train.data.preprocess import PreprocessError, preprocess
+from rexmoe_train.data.preprocess import PreprocessError, output_paths, preprocess, written_here
 from rexmoe_train.data.text_tokenizer import BYTE
 from rexmoe_train.exit_codes import ExitCode
+from rexmoe_train.tools import outputs
+
+PROG = "rexmoe-preprocess"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,18 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer processes (default: min(8, CPUs))")
     p.add_argument("--chunk-lines", type=int, default=512,
                    help="jsonl lines / Parquet rows per work item (default: 512)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx/.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PREFIX.bin/.idx/.json that rexmoe-preprocess wrote (PREFIX.json is its "
+                        "sidecar); other files, and the inputs, are never replaced")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
+def check_outputs(args) -> None:
+    """Before any work: no output is, or lies inside, an input, the tokenizer or a checkpoint; an
+    existing output is replaced only when it is a dataset this tool wrote (its sidecar)."""
+    inputs = [*args.input, *([args.tokenizer] if args.tokenizer != BYTE else [])]
+    for path in output_paths(args.output_prefix).values():
+        try:
+            outputs.check_output_file(path, inputs, PROG, args.overwrite, flag="output",
+                                      owned=lambda _: written_here(args.output_prefix), create_parents=True)
+        except outputs.OutputError as err:
+            raise PreprocessError(str(err)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:  # the console script itself, not a test calling main(argv) in-process
+        from rexmoe_train.resilience.stray_errors import route_stray_errors
+
+        route_stray_errors()  # "Exception ignored in ..." and thread tracebacks: off the terminal
     args = build_parser().parse_args(argv)
-    prog = "rexmoe-preprocess"
+    prog = PROG
     if args.chunk_lines < 1:
         print(f"{prog}: error: --chunk-lines must be >= 1, got {args.chunk_lines}", file=sys.stderr)
         return ExitCode.USAGE
     try:
+        check_outputs(args)
         meta = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
                           eod_token=args.eod_token, workers=args.workers, chunk_lines=args.chunk_lines,
                           overwrite=args.overwrite, progress=args.progress)

@@ -8,6 +8,7 @@ Exit status: 0 done; 2 a bad value, override, layout or checkpoint (one line on 
 only under torchrun); 75 pre-empted (SIGTERM/SIGUSR1) or out of time (checkpoint.exit_duration_mins),
 checkpoint saved: run again to resume; 3 halted after more than checkpoint.max_skipped_steps
 non-finite steps; 130 Ctrl-C (checkpoint saved at the step boundary; a second Ctrl-C stops at once);
+129 SIGHUP (a closed terminal: saved at the step boundary, like Ctrl-C; ignored under nohup);
 76 a watchdog budget overran (stacks under run.dir/hang/); 77 a peer rank went away; 1 an exception
 (one line, the traceback under run.dir/logs/). See docs/reliability.md.
 
@@ -27,6 +28,11 @@ from rexmoe_train.threads import prefer_passive_wait
 # Before anything imports torch: its OpenMP runtime reads the wait policy once, when it loads.
 _WAIT_POLICY, _WAIT_REASON = prefer_passive_wait()
 
+from rexmoe_train.resilience.signals import EarlySignals  # noqa: E402 (torch-free)
+
+# run as the CLI (not imported by a library or a test): stop signals are recorded from the first second
+_EARLY = EarlySignals(install=EarlySignals.is_cli(sys.argv[0]))
+
 from rexmoe_train.config.compose import compose_experiment  # noqa: E402 (after the wait policy)
 from rexmoe_train.config.schema import ConfigError, ExperimentConfig  # noqa: E402
 from rexmoe_train.exit_codes import ExitCode  # noqa: E402
@@ -42,8 +48,12 @@ def _is_rank0() -> bool:
 
 
 def _fail(message: str, code: int = ExitCode.USAGE) -> None:
-    """One line on stderr (rank 0 only: every rank fails alike), then exit."""
-    if _is_rank0():
+    """One line on stderr (rank 0 only: every rank fails alike), then exit. Under torchrun the line is
+    also the rank's error file; rexmoe's launcher prints it once, in its summary, instead."""
+    from rexmoe_train.resilience.launcher import write_error_file
+
+    handed = write_error_file(message) and bool(os.environ.get("REXMOE_LAUNCHER"))
+    if _is_rank0() and not handed:
         print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -82,6 +92,19 @@ def _describe_os_error(err: OSError) -> str:
 
     name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno is not None else type(err).__name__
     return f"{err.filename or '(no path)'}: [{name}] {err.strerror or err}"
+
+
+def _resume_hint(experiment: ExperimentConfig) -> str:
+    """What a rerun starts from: the checkpoint the pointer names, else checkpoint.load, else step 0."""
+    from rexmoe_train.checkpoint import CheckpointError, layout
+
+    root = layout.save_root(experiment)
+    try:
+        return f"rerun to resume from {root / layout.iter_name(layout.read_tracker(root))}"
+    except CheckpointError:  # no pointer (or an unreadable one): nothing of this run was saved
+        load = experiment.checkpoint.load
+        return "no checkpoint saved yet: a rerun starts " + (f"again from checkpoint.load={load}" if load
+                                                              else "from step 0")
 
 
 def _parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
@@ -126,12 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for message in _THIRD_PARTY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    from rexmoe_train.resilience.stray_errors import route_stray_errors, set_stray_log, stray_log_path
+
+    route_stray_errors()  # "Exception ignored in ..." and thread tracebacks: to the run's log dir
     flags, overrides = _parse_flags(list(sys.argv[1:] if argv is None else argv))
     try:
         composed = compose_experiment(overrides)
         experiment = composed.experiment.validate(flags["world_size"])
     except ConfigError as err:
         _fail(str(err))
+    set_stray_log(stray_log_path(experiment.run.dir))
     if flags["cfg"]:
         from omegaconf import OmegaConf
 
@@ -150,17 +177,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if _is_rank0():
         print(f"[threads] intra-op threads: {choice.threads} ({choice.reason}; {_WAIT_REASON})", flush=True)
 
-    import signal
     import time
 
-    # SIGTERM/SIGUSR1 are recorded from here on, before the slow imports below (torch, megatron:
-    # seconds), and handed to the Trainer, which takes the save-and-exit-75 path before its first
-    # evaluation and step. (training.guard itself needs the compat layer, hence this small bridge.)
+    # Stop signals are recorded from here on (from the first second when run as the CLI), before the
+    # slow imports below (megatron: seconds), and handed to the Trainer, which takes the save-and-exit
+    # path before its first evaluation and step. (training.guard needs the compat layer: a bridge.)
     ck = experiment.checkpoint
-    early: list[int] = []
+    from rexmoe_train.resilience.attempts import attempt_dir
+
+    # where this rank's output goes once its terminal hangs up (SIGHUP; training/guard.py)
+    _EARLY.hangup_output = str(attempt_dir(experiment.run.dir, "logs") / f"rank{os.environ.get('RANK', '0')}.out")
     if ck.exit_signal_handler:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: early.append(signum))
+        _EARLY.install()
+    else:
+        _EARLY.uninstall()
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: die with the agent, never outlive it
         from rexmoe_train.resilience.attempts import die_with_parent
 
@@ -181,11 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.NullHandler())
 
     signals = guard.StopSignals(ck.exit_signal_handler, ck.exit_duration_mins, time.monotonic())
+    signals.hangup_output = _EARLY.hangup_output
     signals.install()  # replaces the bridge with no gap (uninstalling puts the bridge back: harmless)
-    if early and signals.received is None:
-        signals.received = early[-1] if signal.SIGINT in early else early[0]
-        if signals.received == signal.SIGINT:
-            signals.interrupted_at = time.monotonic()
+    signals.record(_EARLY.take())
     from rexmoe_train.checkpoint import CheckpointError
     from rexmoe_train.training.trainer import Trainer  # heavy (megatron): after validation
 
@@ -208,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without the traceback
         if _is_rank0():
             print(f"rexmoe-train: stopped at once (second Ctrl-C) at step {trainer.step if trainer else 0}; "
-                  "rerun to resume from the last checkpoint", file=sys.stderr, flush=True)
+                  f"{_resume_hint(experiment)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(ExitCode.INTERRUPTED)
     except Exception as err:  # noqa: BLE001 -- anything else: one line, the traceback in run.dir/logs

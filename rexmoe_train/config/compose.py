@@ -63,6 +63,37 @@ def _one_line(err: BaseException) -> str:
     return f"config error: {text}"
 
 
+def _yaml_line(err: Any) -> str:
+    """A YAML error as one line naming the file and line: 'config error: F line 22: found duplicate
+    key lr (while constructing a mapping)'."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{mark.name} line {mark.line + 1}" if mark is not None else "a config file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"config error: {where}: {problem}" + (f" ({context})" if context else "")
+
+
+def _undecodable(config_dir: Optional[str]) -> Optional[str]:
+    """The first YAML file of ``config_dir`` that is not UTF-8, as one line with its line number."""
+    if config_dir is None:
+        return None
+    for dirpath, _, files in sorted(os.walk(config_dir)):
+        for name in sorted(files):
+            if not name.endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+                raw.decode("utf-8")
+            except OSError:
+                continue
+            except UnicodeDecodeError as err:
+                line = raw[:err.start].count(b"\n") + 1
+                return f"config error: {path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})"
+    return None
+
+
 def _missing_option(err: Any) -> Optional[str]:
     """`model=foo` -> 'config error: model='foo': must be one of rexmoe_0.5b, ..., tiny'."""
     missing = getattr(err, "missing_cfg_file", None) or ""
@@ -105,6 +136,7 @@ def _allowed_fields(key: str) -> Optional[str]:
 
 
 def _compose(overrides: Sequence[str], config_dir: Optional[str]) -> tuple[dict, dict]:
+    import yaml
     from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
@@ -128,6 +160,12 @@ def _compose(overrides: Sequence[str], config_dir: Optional[str]) -> tuple[dict,
             data = OmegaConf.to_container(cfg, resolve=True)
     except MissingConfigException as err:
         raise ConfigError(_missing_option(err) or _one_line(err)) from None
+    except UnicodeDecodeError as err:  # before ValueError: name the file, which the codec cannot
+        raise ConfigError(_undecodable(config_dir) or _one_line(err)) from None
+    except yaml.YAMLError as err:  # a user's YAML (REXMOE_CONFIG_DIR): duplicate key, bad syntax
+        raise ConfigError(_yaml_line(err)) from None
+    except OSError as err:  # an unreadable file in the config dir
+        raise ConfigError(f"config error: cannot read {err.filename or config_dir}: {err.strerror or err}") from None
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
     finally:

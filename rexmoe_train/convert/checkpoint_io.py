@@ -7,7 +7,6 @@ checkpoint.load=...` starts from.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +25,7 @@ from rexmoe_train.config.schema import ConfigError, ExperimentConfig, ParallelCo
 from rexmoe_train.convert.hf_format import ConvertError  # noqa: E402
 from rexmoe_train.model.gpt import ReXMoEModel, build_model  # noqa: E402
 from rexmoe_train.parallel.state import init_distributed, init_model_parallel  # noqa: E402
+from rexmoe_train.tools.outputs import OutputError, write_dir  # noqa: E402
 
 
 def resolve(path: Path) -> Path:
@@ -112,17 +112,14 @@ def open_streamed(path: Path, bf16: bool = False):
 
 
 def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: Path, *, step: int,
-               source: str, overwrite: bool = False) -> Path:
+               source: str, overwrite: bool = False, owner: str = "rexmoe-convert import-hf") -> Path:
     """A model-only checkpoint (no optimizer state): `rexmoe-train checkpoint.load=OUT` starts from
-    it with a fresh optimizer at step ``step``."""
-    out = out.resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"output directory {out} exists and is not empty (pass --overwrite)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    iter_dir = tmp / layout.iter_name(step)
-    iter_dir.mkdir(parents=True)
-    try:
+    it with a fresh optimizer at step ``step``. Written aside and renamed; ``overwrite`` replaces
+    only an earlier output of ``owner`` (tools/outputs.py)."""
+
+    def write(tmp: Path) -> None:
+        iter_dir = tmp / layout.iter_name(step)
+        iter_dir.mkdir()
         chunk = model.chunks[0]
         dist_checkpointing.save({"model": chunk.sharded_state_dict(metadata=compatibility.sharding_metadata(cfg))},
                                 str(iter_dir), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
@@ -142,13 +139,11 @@ def save_model(cfg: ExperimentConfig, model: ReXMoEModel, vocab_size: int, out: 
         # verified on load like a trained one
         layout.write_manifest(iter_dir, meta)
         (tmp / layout.TRACKER).write_text(f"{step}\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+
+    try:
+        return write_dir(out, owner, overwrite, write)
+    except OutputError as err:
+        raise ConvertError(str(err)) from None
 
 
 def describe_meta(meta: dict, step_override: Optional[int] = None) -> str:

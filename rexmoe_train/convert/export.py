@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from rexmoe_train.convert.hf_format import (
     hf_layer_tensors,
     hf_outer_tensors,
 )
+from rexmoe_train.tools.outputs import OutputError, write_dir
 
 EXPORT_META = "rexmoe_export.json"
 BYTE_EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's id 256 in an export (training only knows the id)
@@ -181,23 +181,16 @@ def _write_index(folder: Path, weight_map: dict) -> None:
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1, sort_keys=True))
 
 
-def _atomic_dir(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Write into a sibling temp dir, then rename: a failed export leaves nothing half-written."""
-    out = out.resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"output directory {out} exists and is not empty (pass --overwrite)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+EXPORT_OWNER = "rexmoe-convert export-hf"  # the mark an export carries (tools/outputs.py)
+
+
+def _atomic_dir(out: Path, write: Callable[[Path], None], overwrite: bool, owner: str = EXPORT_OWNER) -> Path:
+    """Write into a fresh hidden sibling, mark it as ``owner``'s, then rename: a failed export leaves
+    nothing half-written, and ``overwrite`` replaces only an earlier output of ``owner``."""
     try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+        return write_dir(out, owner, overwrite, write)
+    except OutputError as err:
+        raise ConvertError(str(err)) from None
 
 
 class DictSource:

@@ -19,13 +19,51 @@ two coincide (masked candidates are simply never selected).
 unbiased ones (megatron's expert_bias for sigmoid, and the same rule for the two softmax gatings).
 Masked candidates are excluded from the biased choice outright (a positive bias must not lift a
 zeroed score back into the top-k).
+
+The PSR mask is made on the host (core/psr.py). :class:`AvailabilityMask` keeps it there for every
+decision (all available? how many?) and copies it to the device once, not once per call: each copy
+from pageable memory, and each ``bool(mask.all())`` of a device copy, stalls the host until the
+stream drains (tests/devicecheck/test_host_syncs.py counts them).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
+
+
+class AvailabilityMask:
+    """A bool [C] availability mask on the host, with its device copies made once per device and
+    dtype (pinned and non-blocking on CUDA). Immutable: a new PSR mask is a new object."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        if host.device.type != "cpu":
+            raise ValueError(f"AvailabilityMask wants the host mask, got one on {host.device}")
+        self.host = host
+        self.all = bool(host.all())  # host reads: no device sync
+        self.count = int(host.sum())
+        self._copies: dict[tuple, torch.Tensor] = {}
+
+    def on(self, device: Union[torch.device, str], dtype: torch.dtype = torch.bool,
+           blocked: bool = False) -> torch.Tensor:
+        """The mask (``blocked``: its complement) as ``dtype`` on ``device``, copied once."""
+        key = (str(device), dtype, blocked)
+        if key not in self._copies:
+            values = ~self.host if blocked else self.host
+            values = values.to(dtype)
+            if torch.cuda.is_available() and torch.device(device).type == "cuda":
+                values = values.pin_memory()  # a pinned source lets the copy run without a stall
+            self._copies[key] = values.to(device, non_blocking=True)
+        return self._copies[key]
+
+
+def as_mask(allowed: Union[None, torch.Tensor, AvailabilityMask]) -> Optional[AvailabilityMask]:
+    """None (all available) | host bool tensor | AvailabilityMask -> AvailabilityMask or None. A
+    device tensor is read back once (a sync): callers that route every step pass the host mask."""
+    if allowed is None or isinstance(allowed, AvailabilityMask):
+        return allowed
+    return AvailabilityMask(allowed.cpu())
 
 
 class GateOutput(NamedTuple):
@@ -39,14 +77,14 @@ def gate(
     logits: torch.Tensor,
     topk: int,
     gating: str,
-    allowed: Optional[torch.Tensor] = None,
+    allowed: Union[None, torch.Tensor, AvailabilityMask] = None,
     mask_on: str = "scores",
     selection_bias: Optional[torch.Tensor] = None,
 ) -> GateOutput:
-    """``logits`` [T, C]; ``allowed`` bool [C] (None: all available); ``selection_bias`` [C] or None."""
-    if allowed is not None and bool(allowed.all()):
-        allowed = None
-    blocked = None if allowed is None else ~allowed.to(logits.device)
+    """``logits`` [T, C]; ``allowed`` bool [C] or an AvailabilityMask (None: all available);
+    ``selection_bias`` [C] or None."""
+    mask = as_mask(allowed)
+    blocked = None if mask is None or mask.all else mask.on(logits.device, blocked=True)
     if blocked is not None and mask_on == "logits":
         logits = logits.masked_fill(blocked, float("-inf"))
 

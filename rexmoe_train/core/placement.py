@@ -71,11 +71,20 @@ class ExpertPlacement:
     def is_identity(self) -> bool:
         return self.ep_size == 1 or self.group_size == 1
 
+    def permutation_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`candidate_of_physical` on ``device``, copied there once: a copy per router call
+        (two per call: probs and routing map) stalls the host each time on a GPU."""
+        copies = self.__dict__.setdefault("_device_permutations", {})  # frozen: bypass __setattr__
+        key = str(device)
+        if key not in copies:
+            copies[key] = self.candidate_of_physical.to(device)
+        return copies[key]
+
     def to_physical(self, candidate_ordered: torch.Tensor) -> torch.Tensor:
         """[T, r*N] in candidate order -> [T, r*N] in physical (dispatcher) order."""
         if self.is_identity:
             return candidate_ordered
-        return candidate_ordered.index_select(-1, self.candidate_of_physical.to(candidate_ordered.device))
+        return candidate_ordered.index_select(-1, self.permutation_on(candidate_ordered.device))
 
     def describe(self) -> str:
         """Printable map candidate -> (rank, slot)."""

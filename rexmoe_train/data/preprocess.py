@@ -340,6 +340,45 @@ def output_paths(prefix: str) -> dict[str, str]:
     return {ext: f"{prefix}.{ext}" for ext in ("bin", "idx", "json")}
 
 
+def written_here(prefix: str) -> bool:
+    """Whether ``prefix`` holds a dataset this tool wrote: ``<prefix>.json`` is our sidecar (it is
+    renamed into place last, so it marks a whole dataset; it is what ``--overwrite`` may replace)."""
+    try:
+        with open(f"{prefix}.json", "rb") as f:
+            sidecar = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and sidecar.get("format") == SIDECAR_FORMAT
+
+
+def check_outputs(inputs: Sequence[str], output_prefix: str, overwrite: bool, tokenizer: str = BYTE) -> None:
+    """Before any work: no output is an input (real paths: a symlink to an input is the input), and
+    existing outputs are replaced only with ``overwrite`` and only when they are a dataset this tool
+    wrote (:func:`written_here`). Raises PreprocessError."""
+    sources = {os.path.realpath(p): p for p in [*inputs, *([tokenizer] if os.path.exists(tokenizer) else [])]}
+    final = output_paths(output_prefix)
+    for path in final.values():
+        real = os.path.realpath(path)
+        for source_real, source in sources.items():
+            if real == source_real:
+                raise PreprocessError(f"output {path} is the input {source}: a tool never writes over its own "
+                                      "input; choose another --output-prefix")
+            if real.startswith(source_real + os.sep):
+                raise PreprocessError(f"output {path} lies inside the input {source}: a tool never writes "
+                                      "into its own input; choose another --output-prefix")
+        if os.path.isdir(real):
+            raise PreprocessError(f"output {path} is a directory: choose another --output-prefix")
+    existing = [p for p in final.values() if os.path.lexists(p)]
+    if not existing:
+        return
+    if not written_here(output_prefix):
+        raise PreprocessError(f"output exists: {existing[0]} was not written by rexmoe-preprocess (no "
+                              f"{SIDECAR_FORMAT} sidecar {final['json']}): never replaced, even with "
+                              "--overwrite; choose another --output-prefix")
+    if not overwrite:
+        raise PreprocessError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
@@ -366,9 +405,7 @@ def preprocess(
     if not output_prefix or output_prefix.endswith(os.sep):
         raise PreprocessError(f"--output-prefix must name a file prefix, got {output_prefix!r}")
     final = output_paths(output_prefix)
-    existing = [p for p in final.values() if os.path.exists(p)]
-    if existing and not overwrite:
-        raise PreprocessError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
+    check_outputs(inputs, output_prefix, overwrite, tokenizer)
     try:
         tok = load_tokenizer(tokenizer, eod_token)
     except TokenizerLoadError as err:

@@ -104,6 +104,7 @@ def _transformer_config(cfg, m, p, r, bf16, dtype, tp) -> TransformerConfig:
         # token dropping: ReXMoERouter applies it over the PSR-available candidates (router.py)
         moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_token_drop_policy=m.moe_token_drop_policy,
+        moe_router_force_load_balancing=m.moe_router_force_load_balancing,  # benchmark only (schema.py)
         # TE path: the bank is one TEGroupedMLP; local path: model.moe_grouped_gemm picks the bank
         # (experts.bank_class). megatron reads the flag only to validate (e.g. "moe_act" recompute
         # needs a grouped bank); the local layer spec is built with moe_grouped_gemm=False regardless.

@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping,
 from megatron.core.transformer.moe.router import TopKRouter
 
 from rexmoe_train.config.schema import ReXMoEConfig
-from rexmoe_train.core.gating import gate, normalize_gates
+from rexmoe_train.core.gating import AvailabilityMask, gate, normalize_gates
 from rexmoe_train.core.placement import ExpertPlacement
 from rexmoe_train.core.psr import PSRSchedule, PSRState
 from rexmoe_train.core.reuse import ReuseGroup
@@ -92,6 +92,7 @@ class ReXMoERouter(TopKRouter):
         # queue stays empty and every forward counts. (Eval forwards run in eval mode: not counted.)
         self._to_replay: deque[_Counted] = deque()
         self.replaying = False  # the current forward is a recompute replay (read by the dispatcher)
+        self._mask: Optional[AvailabilityMask] = None  # the step's PSR mask with its device copy
 
     # Token counts must stay exact float64 whatever the module is cast to: Float16Module (bf16, the
     # GPU default) calls .bfloat16() on the whole model, which casts every floating buffer, and bf16
@@ -111,6 +112,14 @@ class ReXMoERouter(TopKRouter):
         """Bool [r*N] of the candidates this router may choose at the current step."""
         return self.psr_state.allowed(self.psr_schedule, self.moe_layer, self.protected)
 
+    def available_mask(self) -> AvailabilityMask:
+        """:meth:`available` with its device copy, made once per step (PSRState hands out the same
+        host tensor for the whole step, so its identity is the cache key)."""
+        host = self.available()
+        if self._mask is None or self._mask.host is not host:
+            self._mask = AvailabilityMask(host)
+        return self._mask
+
     def reset_step_state(self) -> None:
         """Called by the trainer before each optimizer step."""
         self.step_load.zero_()
@@ -125,13 +134,14 @@ class ReXMoERouter(TopKRouter):
             raise NotImplementedError("ReXMoERouter does not support padding masks yet")
         logits = logits.view(-1, self.config.num_moe_experts)
         logits = self.apply_z_loss(logits)
-        allowed = self.available()
+        mask = self.available_mask()
+        allowed = mask.host
         if self.fused_gate:
-            out = fused_router(logits, self.topk, allowed, dense=True, impl=self.kernels)
+            out = fused_router(logits, self.topk, mask, dense=True, impl=self.kernels)
         else:
-            out = gate(logits, self.topk, self.gating_kind, allowed, self.mask_on,
+            out = gate(logits, self.topk, self.gating_kind, mask, self.mask_on,
                        selection_bias=self.expert_bias)
-        probs = normalize_gates(out.probs, self.gate_normalization, int(allowed.sum()),
+        probs = normalize_gates(out.probs, self.gate_normalization, mask.count,
                                 self.group.experts_per_layer)
         routing_map = out.routing_map
         if self.config.moe_expert_capacity_factor is not None:

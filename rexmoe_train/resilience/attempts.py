@@ -79,6 +79,45 @@ def become_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+def ranks_behind(beats: dict[int, dict]) -> list[int]:
+    """The ranks whose last heartbeat is behind the others' (an earlier step, or an earlier section of
+    the same step); [] when every rank was at the same place."""
+    order = {r: (b["step"], SECTIONS.index(b["section"]) if b["section"] in SECTIONS else -1)
+             for r, b in beats.items()}
+    lowest = min(order.values()) if order else None
+    behind = [r for r, o in order.items() if o == lowest]
+    return sorted(behind) if order and len(behind) < len(order) else []
+
+
+# how a rank ends when a collective it waited in timed out: NCCL's watchdog aborts the process
+# (SIGABRT), or, where the error reaches Python (blocking wait, gloo), resilience/failures.py exits 77
+COLLECTIVE_ABORT = (-int(signal.SIGABRT), int(ExitCode.PEER_FAILED))
+STOPPED_BY_AGENT = (-int(signal.SIGTERM),)  # a SIGKILL may be the cause (the OOM killer)
+
+
+def hung_after_collective_abort(beats: dict[int, dict], exit_codes: dict[int, int]) -> Optional[str]:
+    """When the collective timeout fired before any watchdog budget (no rank exited 76), every rank
+    that waited aborts and none names a cause. The rank they waited for is the one behind in the
+    heartbeats, else (all at the same place) the ranks that did not abort (still running, or only
+    stopped by the agent) while the others did. ``exit_codes``: the failed ranks' codes (negative: a
+    signal). Returns "rank R hung ... at step S", or None if a rank failed of its own accord or the
+    failures were no collective abort."""
+    codes = {int(r): int(c) for r, c in exit_codes.items()}
+    aborted = sorted(r for r, c in codes.items() if c in COLLECTIVE_ABORT)
+    if not aborted or any(c not in COLLECTIVE_ABORT + STOPPED_BY_AGENT for c in codes.values()):
+        return None
+    world = max([b.get("world_size", 0) for b in beats.values()] + [max(codes) + 1])
+    suspects = ranks_behind(beats) or [r for r in range(world) if r not in aborted]
+    if not suspects or len(suspects) == world:
+        return (f"every rank aborted in a collective that timed out (ranks {', '.join(map(str, aborted))}); "
+                "the heartbeats do not tell which rank they waited for")
+    step = beats.get(suspects[0], {}).get("step")
+    at = f" at step {step}" if step is not None else ""
+    others = f" (and rank {', '.join(map(str, suspects[1:]))})" if suspects[1:] else ""
+    return (f"rank {suspects[0]} hung{at}{others}; the other ranks aborted in a collective that timed "
+            "out before the watchdog's budget")
+
+
 def hang_report(run_dir: str, launch: str, tries: int) -> Optional[dict]:
     """After a hang: which ranks dumped (were alive) and which did not arrive. None without dumps.
 
@@ -92,14 +131,7 @@ def hang_report(run_dir: str, launch: str, tries: int) -> Optional[dict]:
     beats = read_heartbeats(attempt_dir(run_dir, "logs", launch, tries))
     world = max([b.get("world_size", 0) for b in beats.values()] + [max(dumped) + 1])
     silent = [r for r in range(world) if r not in dumped]
-    if silent:
-        culprits = silent
-    else:
-        order = {r: (b["step"], SECTIONS.index(b["section"]) if b["section"] in SECTIONS else -1)
-                 for r, b in beats.items()}
-        lowest = min(order.values()) if order else None
-        behind = [r for r, o in order.items() if o == lowest]
-        culprits = sorted(behind) if order and len(behind) < len(order) else []
+    culprits = silent if silent else ranks_behind(beats)
     first = culprits[0] if culprits else dumped[0]
     beat = beats.get(first, {})
     report = {"dir": str(hang), "dumped": dumped, "culprits": culprits,

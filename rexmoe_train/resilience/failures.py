@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -25,23 +26,33 @@ from rexmoe_train.resilience.attempts import attempt_dir
 
 __all__ = ["is_peer_failure", "record_crash"]
 
-# what torch's gloo / NCCL / store layers say when the other end of a collective is gone
-_PEER_GONE = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout",
-              "socket", "gloo", "nccl", "recvbytes", "sendbytes", "read error", "peer")
+# Classified by where the error comes from, not by words anywhere in it (a rank's own bug may say
+# "timeout" or "nccl"): c10d's network and store errors (torch.distributed.DistNetworkError,
+# DistStoreError: the store's host or a peer's socket went away); a c10d backend error
+# (DistBackendError, how ProcessGroupNCCL raises) when NCCL says a peer is gone or a collective timed
+# out, and not when it says this rank misused it ("invalid usage", "invalid argument", a CUDA error);
+# gloo's transport errors, which torch 2.13 raises as a RuntimeError located in gloo's transport
+# sources: "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:1234. ...",
+# "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete".
+_NCCL_PEER_GONE = ("remote process exited", "ncclremoteerror", "watchdog caught collective operation timeout",
+                   "communicator was aborted", "nccl operations have failed or timed out",
+                   "connection closed by", "connection reset by")
+_GLOO_TRANSPORT = re.compile(r"^\[[^\]\s]*gloo/transport/[^\]\s]*:\d+\] ")
 
 
 def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank (or the store) went away."""
     try:
         import torch.distributed as dist
-
-        if isinstance(err, dist.DistError):
-            return True
     except ImportError:
-        pass
-    if not isinstance(err, RuntimeError):
         return False
-    text = str(err).lower()
-    return any(marker in text for marker in _PEER_GONE)
+    network = tuple(getattr(dist, name) for name in ("DistNetworkError", "DistStoreError") if hasattr(dist, name))
+    if network and isinstance(err, network):
+        return True
+    text = str(err).strip()
+    if isinstance(err, getattr(dist, "DistBackendError", ())):
+        return any(marker in text.lower() for marker in _NCCL_PEER_GONE) or bool(_GLOO_TRANSPORT.match(text))
+    return isinstance(err, RuntimeError) and bool(_GLOO_TRANSPORT.match(text))
 
 
 def record_crash(err: BaseException, run_dir: Optional[str], rank: int, step: Optional[int]) -> int:

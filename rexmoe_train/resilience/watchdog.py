@@ -7,8 +7,11 @@ and a thread waits on the section's monotonic deadline. On overrun every live ra
 
 - ``rank<r>.txt``: which section overran, then every thread's Python stack (``faulthandler``);
 - ``rank<r>.flight_recorder.json``: torch's flight recorder (the last collectives of every process
-  group with their sequence ids and states; works for gloo when ``TORCH_FR_BUFFER_SIZE`` is set
-  before the groups are made, which ``parallel/state.py`` does),
+  group with their sequence ids and states, completed ones included: the last completed sequence id
+  of each group is what shows which rank stopped issuing; ``TORCH_FR_BUFFER_SIZE`` must be set before
+  the groups are made, which ``parallel/state.py`` does). NCCL groups record into ProcessGroupNCCL's
+  own recorder, read by ``_dump_nccl_trace_json``; gloo's into the generic one
+  (``_dump_fr_trace_json``): the dump reads the one of the default group's backend,
 
 then exits ``ExitCode.HUNG``. A rank that cannot run at all (SIGSTOP, a wedged driver) writes nothing:
 ``hang_report`` names it as the rank that did not arrive, from the heartbeats and the missing dumps.
@@ -39,14 +42,16 @@ HANG_GRACE_S = 5.0  # after its dump, a rank waits this long for the other ranks
 
 
 class Watchdog:
-    """``with watchdog.section("step", 15): ...``; a daemon thread enforces the budget."""
+    """``with watchdog.section("step", 15): ...``; a daemon thread enforces the budget. Until
+    ``end_start_up()`` the first section of each name gets at least ``first_budget`` (warm-up)."""
 
     def __init__(self, run_dir: str, rank: int, world_size: int, budgets: dict[str, Optional[float]],
                  first_budget: float) -> None:
         self.rank, self.world_size = rank, world_size
         self.budgets = budgets
-        self.first_budget = first_budget  # the first of each section in this process (warm-up, compile)
+        self.first_budget = first_budget  # the first of each section in start-up (warm-up, compile)
         self._seen: set[str] = set()
+        self._starting = True
         self.logs = attempt_dir(run_dir, "logs")
         self.hang = attempt_dir(run_dir, "hang")
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -63,7 +68,8 @@ class Watchdog:
         budget = self.budgets.get(name)
         if name not in self._seen:
             self._seen.add(name)
-            budget = None if budget is None else max(budget, self.first_budget)
+            if self._starting and budget is not None:
+                budget = max(budget, self.first_budget)
         self._beat(name, step)
         if budget is None:
             yield
@@ -81,6 +87,10 @@ class Watchdog:
         finally:
             with self._cond:
                 self._deadline = None
+
+    def end_start_up(self) -> None:
+        """Start-up is over (the collective timeout drops to the training one): budgets as configured."""
+        self._starting = False
 
     def close(self) -> None:
         with self._cond:
@@ -130,14 +140,34 @@ class Watchdog:
         self.exit(ExitCode.HUNG)
 
 
-def _dump_flight_recorder(path: Path) -> str:
+def _backend() -> str:
+    try:
+        import torch.distributed as dist
+
+        return str(dist.get_backend()) if dist.is_initialized() else "none"
+    except Exception:  # noqa: BLE001 -- evidence only
+        return "unknown"
+
+
+def flight_recorder_dump(backend: str):
+    """(name, function) of torch's flight-recorder JSON dump for ``backend``: NCCL collectives are
+    recorded by ProcessGroupNCCL (its own recorder, in CUDA builds only), the rest by the generic one.
+    Both take (includeCollectives, onlyActive)."""
+    import torch._C._distributed_c10d as c10d
+
+    name = "_dump_nccl_trace_json" if "nccl" in backend.lower() else "_dump_fr_trace_json"
+    return name, getattr(c10d, name)
+
+
+def _dump_flight_recorder(path: Path, backend: Optional[str] = None) -> str:
     """torch's flight recorder as JSON; returns what happened, in words (it is optional evidence)."""
     if not int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0") or 0):
         return "off (TORCH_FR_BUFFER_SIZE is 0)"
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
-
-        path.write_bytes(_dump_fr_trace_json(True, True))  # collectives, without C++ stack traces
-        return str(path)
+        name, dump = flight_recorder_dump(backend or _backend())
+        # collectives included, completed entries kept (onlyActive=False); the JSON form has no C++ stacks
+        data = dump(True, False)
+        path.write_bytes(data if isinstance(data, bytes) else str(data).encode())
+        return f"{path} ({name})"
     except Exception as err:  # an older torch or a backend without it: the stacks still stand
         return f"not written ({type(err).__name__}: {err})"

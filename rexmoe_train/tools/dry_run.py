@@ -15,6 +15,8 @@ from rexmoe_train.config.schema import ExperimentConfig
 from rexmoe_train.core.placement import ExpertPlacement
 from rexmoe_train.core.reuse import pipeline_chunks
 
+PLAN_HINT = "<the same overrides> [--gpu h100-sxm] [--spec te|local]"
+
 
 def padded_vocab(cfg: ExperimentConfig, vocab_size: int) -> int:
     multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
@@ -225,6 +227,10 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
     lines.append(f"activations per rank (first stage, micro-batches in flight; recompute "
                  f"{m.recompute_granularity or 'off'}): {act['activations_gib']:.3f} GiB, "
                  f"recompute adds {act['recompute_extra_compute']:.1%} compute")
+    # one source of truth for memory: the planner runs the real step (fake tensors) and measures it;
+    # the lines above are arithmetic on the config, good for a quick look only
+    lines.append(f"memory: formula estimates; for the peak per rank as the training code allocates it "
+                 f"(memory, traffic, time, fits or not), run: rexmoe-plan {PLAN_HINT}")
     group = plan.groups[0]
     placement = ExpertPlacement(group.experts_per_layer, group.size, p.expert_model_parallel_size)
     rows = placement.describe().splitlines()

@@ -66,6 +66,18 @@ def balance_losses(cfg, num_microbatches: int) -> dict[str, float]:
 UNDER_USED_SHARE = 0.1  # a candidate is under-used below 10% of the uniform share of its router
 
 
+def load_entropy(load: torch.Tensor) -> float:
+    """Entropy of a router's assignment shares over its available candidates, divided by log(count):
+    1 = every candidate equally used, 0 = one candidate takes all (also 0 with < 2 candidates or no
+    tokens). A routing-entropy reading from the loads alone, not the per-token gate entropy."""
+    load = load.double().flatten()
+    total = float(load.sum())
+    if load.numel() < 2 or total <= 0:
+        return 0.0
+    share = load[load > 0] / total
+    return float(-(share * share.log()).sum() / torch.log(torch.tensor(float(load.numel()), dtype=torch.float64)))
+
+
 def router_load(cfg, routers: list, step: int) -> dict:
     """Global tokens per candidate for this step -> per-layer and per-group MaxVio, the fraction of
     under-used candidates, the reuse matrix (how often each router picks each owner layer's experts)
@@ -84,6 +96,7 @@ def router_load(cfg, routers: list, step: int) -> dict:
     load, routed = totals[:, :width], totals[:, width]
     psr, n = cfg.rexmoe.psr, plan.experts_per_layer
     layer_vio, under_used, group_vio, reuse, expert_load, candidates = [], [], [], [], [], None
+    entropy = []
     max_share = []
     for group in plan.groups:
         schedule = PSRSchedule(psr.schedule, group.experts_per_layer, group.size, psr.start_step, psr.end_step,
@@ -99,6 +112,7 @@ def router_load(cfg, routers: list, step: int) -> dict:
             available = layer_load[allowed]
             share = available.sum() / max(available.numel(), 1)
             under_used.append(round(float((available < UNDER_USED_SHARE * share).float().mean()), 4))
+            entropy.append(round(load_entropy(available), 4))
         pooled = group_load.sum(dim=0)
         group_vio.append(round(load_violation(pooled), 4))
         max_share.append(round(float(pooled.max() / pooled.sum().clamp_min(1)), 4))
@@ -106,7 +120,7 @@ def router_load(cfg, routers: list, step: int) -> dict:
         reuse.append((per_owner / per_owner.sum(dim=1, keepdim=True).clamp_min(1)).round(decimals=4).tolist())
         expert_load.append(group_load.long().tolist())
     out = {"psr_candidates": candidates, "load_violation_max": layer_vio,
-           "under_used_fraction": under_used, "group_load_violation_max": group_vio,
+           "under_used_fraction": under_used, "load_entropy": entropy, "group_load_violation_max": group_vio,
            "group_max_share": max_share,
            "reuse_matrix": reuse}
     if cfg.model.moe_expert_capacity_factor is not None:  # share of assignments dropped, per layer

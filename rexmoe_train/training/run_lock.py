@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from rexmoe_train.checkpoint.layout import LOCK
+from rexmoe_train.checkpoint.layout import LOCK, why_not_a_dir
 from rexmoe_train.core.errors import ConfigError
 
 
@@ -31,8 +31,9 @@ class RunLock:
 
     def acquire(self) -> None:
         """Raises ConfigError (one line) when the dir is unusable or another process holds it."""
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"config error: run.dir={str(self.dir)!r}: exists and is not a directory")
+        problem = why_not_a_dir(self.dir)  # a symlink loop or dangling link: mkdir would say "File exists"
+        if problem:
+            raise ConfigError(f"config error: run.dir={str(self.dir)!r}: {problem}")
         if not self.dir.exists():
             try:
                 self.dir.mkdir(parents=True)
@@ -40,6 +41,13 @@ class RunLock:
                 raise ConfigError(f"config error: run.dir={str(self.dir)!r}: cannot create it: "
                                   f"{err.strerror} (errno {err.errno})") from None
             self._created_dir = True
+        if os.path.lexists(self.path) and not self.path.is_file():  # a dir, a dangling link: no lock
+            from rexmoe_train.training.run_logger import set_aside  # is held on it; keep it, use a new one
+
+            try:
+                set_aside(self.path, "is not a regular file")
+            except OSError:
+                pass  # the open below names the problem
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:

@@ -15,6 +15,7 @@ One optimizer step t:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
@@ -152,7 +153,7 @@ class Trainer:
         res = cfg.resilience
         self.watchdog = Watchdog(cfg.run.dir, self.rank, self.world_size,
                                  {"step": res.step_timeout_s, "eval": res.eval_timeout_s,
-                                  "save": res.save_timeout_s}, first_budget=res.init_timeout_s)
+                                  "save": res.save_timeout_s}, first_budget=res.first_step_timeout_s)
         self.straggler = StragglerReport(
             self.rank, self.world_size, res.straggler_threshold, res.straggler_min_excess_s,
             res.straggler_intervals) if res.straggler_report and self.world_size > 1 else None
@@ -166,9 +167,9 @@ class Trainer:
         if self.rank == 0:
             try:
                 save = layout.save_root(cfg)
-                if save.exists() and not save.is_dir():
-                    raise ConfigError(f"config error: checkpoint.save={str(save)!r}: exists and is not a "
-                                      "directory")
+                problem = layout.why_not_a_dir(save)  # a symlink loop: the save's mkdir says "File exists"
+                if problem:
+                    raise ConfigError(f"config error: checkpoint.save={str(save)!r}: {problem}")
                 self.lock = RunLock(cfg.run.dir)
                 self.lock.acquire()
                 if save.is_dir():
@@ -201,6 +202,16 @@ class Trainer:
     def last_saved_step(self) -> Optional[int]:
         return self.state.last_saved_step
 
+    save_clock = staticmethod(time.monotonic)  # what checkpoint.save_interval_minutes is measured on
+
+    def _save_clock_due(self) -> bool:
+        """Rank 0's clock only (step_flags takes the MAX): checkpoint.save_interval_minutes have passed
+        since the last save, or since this Trainer was built."""
+        minutes = self.cfg.checkpoint.save_interval_minutes
+        if minutes is None or self.rank != 0:
+            return False
+        return self.save_clock() - getattr(self, "_last_save_clock", self.start_time) >= 60.0 * minutes
+
     def _log(self, message: str) -> None:
         logger = getattr(self, "logger", None)
         if logger is not None:
@@ -211,11 +222,30 @@ class Trainer:
     def save_checkpoint(self, blocking: Optional[bool] = None):
         """Save the current step (collective). Non-finite weights halt the run instead. ``blocking``:
         None follows checkpoint.async_save (CheckpointManager.save)."""
+        self._last_save_clock = self.save_clock()  # checkpoint.save_interval_minutes counts from here
+        self.signals.agreed_save_due = False
         try:
-            with self.watchdog.section("save", self.step):
+            with self._saving():
                 return self.checkpoints.save(blocking=blocking)
         except NonFiniteWeights as err:
             raise guard.TrainingHalted(str(err)) from None
+
+    @contextmanager
+    def _saving(self):
+        """A save or a blocking finalize: the save watchdog section, with the collective timeout raised
+        to resilience.save_collective_timeout_s (the ladder: above save_timeout_s), then set back."""
+        res = self.cfg.resilience
+        set_collective_timeout(res.save_collective_timeout_s)
+        try:
+            with self.watchdog.section("save", self.step):
+                yield
+        finally:
+            set_collective_timeout(res.train_timeout_s if self._training_timeout_set else res.init_timeout_s)
+
+    def _finish_saves(self) -> None:
+        """Wait for the async save in flight (collective) inside the save section."""
+        with self._saving():
+            self.checkpoints.finalize(blocking=True)
 
     # ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -302,7 +332,7 @@ class Trainer:
         )
         # Numerics guard + pre-emption check: one all_reduce(MAX) so every rank decides alike.
         bad, signalled, out_of_time = guard.step_flags(
-            guard.local_step_is_bad(losses, self.chunks), self.signals)
+            guard.local_step_is_bad(losses, self.chunks), self.signals, save_due=self._save_clock_due())
         if signalled or out_of_time:
             self.stop_reason = "signal" if signalled else "checkpoint.exit_duration_mins"
         success, grad_norm = False, None
@@ -412,9 +442,11 @@ class Trainer:
             self._set_mode(True)
             while self.step < t.train_iters:
                 self._one_step(history)
-                self.checkpoints.finalize(blocking=False)  # an async save whose writes are all done
+                if self.checkpoints.save_in_flight is not None:  # completes it once all writes are done
+                    with self._saving():
+                        self.checkpoints.finalize(blocking=False)
                 if self.skipped_steps > ck.max_skipped_steps:
-                    self.checkpoints.finalize(blocking=True)
+                    self._finish_saves()
                     raise guard.TrainingHalted(
                         f"halted at step {self.step}: {self.skipped_steps} steps skipped for a "
                         f"non-finite loss or grad norm (checkpoint.max_skipped_steps="
@@ -425,9 +457,9 @@ class Trainer:
                     self.logger.message(f"[checkpoint] stopping at step {self.step} "
                                         f"({self.stop_reason}); exit {self.exit_code}: resume to continue")
                     break
-                if ck.save_interval and self.step % ck.save_interval == 0:
-                    self.save_checkpoint()
-            self.checkpoints.finalize(blocking=True)  # no exit with a save in flight
+                if (ck.save_interval and self.step % ck.save_interval == 0) or self.signals.agreed_save_due:
+                    self.save_checkpoint()  # by steps or by minutes (rank 0's clock), whichever first
+            self._finish_saves()  # no exit with a save in flight
             if self._steps_run and not self._steps_updated:
                 # nothing trained: saving would record a step count for weights that never moved,
                 # and exit 0 would read as success (e.g. a model that is NaN from its first step)
@@ -470,6 +502,7 @@ class Trainer:
         if not self._training_timeout_set:  # start-up is over: collectives get the tighter timeout
             set_collective_timeout(self.cfg.resilience.train_timeout_s)
             self._training_timeout_set = True
+            self.watchdog.end_start_up()  # later sections get their own budgets (below train_timeout_s)
         if self.step % t.eval_interval == 0 or self.step == t.train_iters:
             record["val_loss"] = self.evaluate()
         if "loss" in record or "val_loss" in record:

@@ -35,3 +35,20 @@ def test_summary_per_save_and_async_share(bench):
     assert row["async_extra_s"] == pytest.approx((0.5 / 3 + 1 / 3) / 2)
     assert row["async_blocked_share"] == pytest.approx(0.15) and row["async_polls_s"] == pytest.approx(0.05)
     assert row["async_extra_share"] == pytest.approx(row["async_extra_s"] / row["sync_extra_s"])
+
+
+def test_breakdown_times_only_the_async_segments_per_save(bench):
+    import time
+    import types
+
+    owner = types.SimpleNamespace(work=lambda seconds: time.sleep(seconds) or seconds)
+    timers = bench.Breakdown()
+    timers.wrap(owner, "work", "work")
+    assert owner.work(0.01) == 0.01 and timers.totals == {}  # inactive: not counted
+    timers.active = True
+    for seconds in (0.02, 0.05, 0.03):
+        owner.work(seconds)
+        timers.end_save()
+    assert len(timers.per_save) == 3 and all(set(row) == {"work"} for row in timers.per_save)
+    median = timers.medians()["work"]
+    assert 0.03 <= median < 0.05 + 0.5  # the middle one of 0.02, 0.03, 0.05 s (plus scheduling delay)

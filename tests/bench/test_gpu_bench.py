@@ -96,3 +96,46 @@ def test_a_failing_case_or_section_is_recorded_and_the_json_is_always_written(gp
     assert on_disk["shapes"] == {"2.3b": 1} and on_disk["device"] == "test"
     assert seen_on_disk == [1, 2, 3]
     assert "skipped: RuntimeError" in capsys.readouterr().out
+
+
+def test_the_bench_builds_its_model_as_the_trainer_does(gpu_bench, layout, tmp_path):
+    """Issue 29 item 5: the timed model is the Trainer's (Float16Module under bf16, megatron DDP), not
+    the bare fp32-norm chunk: same wrapper chain, same parameter dtypes as the real Trainer's chunk."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    from tests.helpers import make_trainer, tiny_config
+
+    cfg = tiny_config(r=4, layers=4)
+    cfg.train.bf16, cfg.run.dir, cfg.run.progress = True, str(tmp_path / "run"), False
+    trainer_chunk = make_trainer(cfg).chunks[0]
+    layout(cfg.parallel)
+    bench_chunk = gpu_bench.build_like_trainer(cfg, trainer_chunk.module.module.vocab_size)
+
+    def chain(chunk):
+        return [type(chunk), type(chunk.module), type(chunk.module.module)]
+
+    assert chain(bench_chunk) == chain(trainer_chunk)
+    assert chain(bench_chunk)[:2] == [DistributedDataParallel, Float16Module]
+    dtypes = {n: p.dtype for n, p in bench_chunk.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in trainer_chunk.named_parameters()}
+    norms = [n for n in dtypes if "layernorm" in n or "final_norm" in n]
+    assert norms and all(dtypes[n] == torch.bfloat16 for n in norms), norms
+    assert dtypes["module.module.embedding.word_embeddings.weight"] == torch.bfloat16
+
+
+def test_the_bench_forces_balanced_routing_and_says_so(gpu_bench):
+    import argparse
+
+    from rexmoe_train.model.gpt import transformer_config
+
+    shape = gpu_bench.shape_from_config("0.5b", layers=4)
+    args = argparse.Namespace(seq=128, micro_batch=1, natural_routing=False)
+    cfg = gpu_bench._config(shape, 4, "bf16", "alltoall", args)
+    assert cfg.model.moe_router_force_load_balancing
+    assert transformer_config(cfg).moe_router_force_load_balancing  # reaches megatron's routers
+    assert "FORCED BALANCE" in gpu_bench.routing_note(args)
+    args.natural_routing = True
+    assert not gpu_bench._config(shape, 4, "bf16", "alltoall", args).model.moe_router_force_load_balancing
+    assert "natural" in gpu_bench.routing_note(args)

@@ -54,23 +54,27 @@ def test_gpu_test_files_are_the_marked_ones(gc):
     assert all(not rel.startswith("tests/kernels") for rel in others)
 
 
-TE_SECTIONS = {"train_te_fp8_r4", "train_te_fp8_tensorwise_r4", "train_te_fp8_blockwise_r4", "train_te_bf16_r4"}
+TE_SECTIONS = {"te_fp8_delayed_vs_bf16_r4", "te_fp8_tensorwise_vs_bf16_r4", "te_fp8_blockwise_vs_bf16_r4",
+               "te_bf16_r4"}
 GROUPED_SECTIONS = {"train_grouped_features_r4", "resume_grouped_features_r4"}
-ORDER = ["triton_kernels", "gpu_tests", "train_grouped_features_r4", "resume_grouped_features_r4", "train_te_fp8_r4",
-         "gpu_bench", "train_te_fp8_tensorwise_r4", "train_te_fp8_blockwise_r4", "train_local_r4", "train_te_bf16_r4",
-         "train_local_r1"]
+ESSENTIALS = ["device_placement_bf16", "ep1_step_alltoall", "ep1_step_rexmoe_dedup", "train_grouped_features_r4",
+              "resume_grouped_features_r4"]
+ORDER = ESSENTIALS + ["triton_kernels", "te_fp8_delayed_vs_bf16_r4", "gpu_tests", "gpu_bench",
+                      "te_fp8_tensorwise_vs_bf16_r4", "te_fp8_blockwise_vs_bf16_r4", "train_local_r4", "te_bf16_r4",
+                      "train_local_r1"]
 
 
 def test_plan_without_te_or_grouped_option_skips_only_those(gc, tmp_path):
     sections = {s.name: s for s in gc.plan(tmp_path, sys.executable, _env(te=False, grouped=False))}
     assert list(sections) == ORDER
-    assert {n for n in sections if n.startswith("train_te_")} == TE_SECTIONS
+    assert {n for n in sections if n.startswith("te_")} == TE_SECTIONS
     for name in TE_SECTIONS:
         assert sections[name].skip.startswith("Transformer Engine does not import (ModuleNotFoundError")
     for name in GROUPED_SECTIONS:
         assert sections[name].skip == "model.moe_grouped_gemm is not in the config schema"
     runnable = {n for n, s in sections.items() if s.skip is None}
-    assert runnable == {"triton_kernels", "gpu_tests", "train_local_r4", "train_local_r1", "gpu_bench"}
+    assert runnable == {"device_placement_bf16", "ep1_step_alltoall", "ep1_step_rexmoe_dedup", "triton_kernels",
+                        "gpu_tests", "train_local_r4", "train_local_r1", "gpu_bench"}
     # without TE the bench is asked for bf16 only (its fp8 rows could only fail)
     bench = sections["gpu_bench"].argv
     assert bench[bench.index("--precisions") + 1] == "bf16" and sections["gpu_bench"].checks == ("bench_rows",)
@@ -79,10 +83,35 @@ def test_plan_without_te_or_grouped_option_skips_only_those(gc, tmp_path):
     assert "model=rexmoe_2.3b" in r1 and "model.num_layers=4" in r1 and "train.seq_length=4096" in r1
     assert "rexmoe.reuse_group_size=1" in r1 and "run.wandb.mode=disabled" in r1
     assert sections["train_local_r1"].checks == ("finite",)
+    # the TE sections assert more than a finite loss: TE modules used, fp8 ran and stayed close to bf16
     for recipe in ("delayed", "tensorwise", "blockwise"):
-        name = "train_te_fp8_r4" if recipe == "delayed" else f"train_te_fp8_{recipe}_r4"
-        assert {"train.fp8=hybrid", f"train.fp8_recipe={recipe}"} <= set(sections[name].argv)
-    assert not any(a.startswith("train.fp8") for a in sections["train_te_bf16_r4"].argv)
+        s = sections[f"te_fp8_{recipe}_vs_bf16_r4"]
+        assert s.argv[1].endswith("bench/gpu_check_probes.py") and s.argv[2:4] == ["te", recipe]
+        assert set(s.checks) == {"te_used", "fp8_used", "fp8_close"}
+        assert f"train.train_iters={gc.TE_STEPS}" in s.argv and "model.transformer_impl=transformer_engine" in s.argv
+    assert set(sections["te_bf16_r4"].checks) == {"te_used", "probe_finite"}
+
+
+def test_essentials_come_first_and_fit_five_minutes_by_the_budget_table(gc, tmp_path):
+    for gpus, ep in (("1", 1), ("2", 2)):
+        env = {**_env(te=True, grouped=True), "gpus": {"ok": True, "info": gpus}}
+        sections = gc.plan(tmp_path, sys.executable, env)
+        essentials = [s for s in sections if s.essential]
+        assert [s.name for s in essentials] == [n.replace("ep1", f"ep{ep}") for n in ESSENTIALS]
+        assert sections[: len(essentials)] == essentials  # first, in order of value
+        table = gc.budget_table(sections)
+        assert table["essentials_s"] == sum(s.timeout_s for s in essentials) <= gc.ESSENTIALS_BUDGET_S == 300
+        placement = essentials[0]
+        assert placement.kind == "probe" and set(placement.checks) == {"on_device", "bf16_counts"}
+        assert "train.bf16=true" in placement.argv and "train.global_batch_size=2" in placement.argv
+        for dispatcher in ("alltoall", "rexmoe_dedup"):
+            step = next(s for s in essentials if s.name == f"ep{ep}_step_{dispatcher}")
+            keys = [a.split("=", 1)[0] for a in step.argv if "=" in a]
+            assert len(keys) == len(set(keys))  # Hydra refuses a key given twice
+            assert f"parallel.moe_token_dispatcher_type={dispatcher}" in step.argv
+            assert f"parallel.expert_model_parallel_size={ep}" in step.argv
+            assert ("torch.distributed.run" in step.argv) == (ep == 2)
+            assert ("dedup_ran" in step.checks) == (dispatcher == "rexmoe_dedup")
 
 
 def test_plan_features_and_resume_sections(gc, tmp_path):
@@ -94,7 +123,8 @@ def test_plan_features_and_resume_sections(gc, tmp_path):
         assert {"model.moe_grouped_gemm=true", "rexmoe.psr.schedule=linear", "model.moe_expert_capacity_factor=1.25",
                 "rexmoe.balance.moe_router_enable_expert_bias=true", "model.recompute_granularity=full",
                 "train.global_batch_size=2", "train.micro_batch_size=1", "parallel.use_distributed_optimizer=true",
-                "checkpoint.save_interval=2", "checkpoint.async_save=false"} <= set(s.argv)
+                "checkpoint.save_interval=2", "checkpoint.async_save=false",
+                f"train.seq_length={gc.ESSENTIAL_SEQ}"} <= set(s.argv)
     assert set(features.checks) == {"finite", "grouped", "psr_ramp", "capacity", "expert_bias", "features_config",
                                     "microbatches_2", "checkpoints_every_2"}
     assert resume.needs == features.name and set(resume.checks) == {"finite", "grouped", "resume_bitwise"}
@@ -132,6 +162,25 @@ def test_checks_read_what_the_sections_claim(gc, tmp_path):
                         {"precision": "bf16", "r": 4, "dispatcher": "alltoall"}], "errors": {"kernels": "E: y"}}
     assert gc.CHECKS["bench_rows"](bench) == "fp8/r4/alltoall: RuntimeError: x; kernels: E: y"
     assert gc.CHECKS["bench_rows"]({"models": [bench["models"][1]], "errors": {}}) is None
+
+
+def test_probe_claims(gc):
+    router = {"step_load_dtype": "torch.float64", "weight_dtype": "torch.bfloat16", "counted": 16384.0,
+              "expected": 16384}
+    placed = {"checked": 412, "off_device": [], "routers": [router] * 4}
+    assert gc.CHECKS["on_device"](placed) is None and gc.CHECKS["bf16_counts"](placed) is None
+    assert gc.CHECKS["on_device"]({"checked": 412, "off_device": ["chunk0.x (4,) on cpu"]}).startswith("1 tensor")
+    assert gc.CHECKS["on_device"]({"checked": 0, "off_device": []}) is not None  # nothing checked: no pass
+    inexact = {"routers": [{**router, "counted": 16383.0}]}
+    assert gc.CHECKS["bf16_counts"](inexact).startswith("1 router(s) with inexact")
+    assert "not bf16" in gc.CHECKS["bf16_counts"]({"routers": [{**router, "weight_dtype": "torch.float32"}]})
+    te = {"bf16": {"losses": [10.4, 10.1, 9.8, 9.5], "te_modules": 24, "fp8_modules": 0},
+          "fp8": {"losses": [10.4, 10.2, 9.9, 9.6], "te_modules": 24, "fp8_modules": 20}}
+    assert all(gc.CHECKS[c](te) is None for c in ("te_used", "fp8_used", "fp8_close", "probe_finite"))
+    far = {**te, "fp8": {**te["fp8"], "losses": [10.4, 10.3, 10.2, 9.5 * (1 + gc.FP8_LOSS_RTOL) + 0.01]}}
+    assert "not within 3%" in gc.CHECKS["fp8_close"](far)
+    assert gc.CHECKS["fp8_used"]({**te, "fp8": {**te["fp8"], "fp8_modules": 0}}) is not None
+    assert gc.CHECKS["te_used"]({"bf16": {"losses": [1.0], "te_modules": 0}}) is not None
 
 
 def test_runner_skips_what_needs_a_failed_section_and_prunes_checkpoints(gc, tmp_path):
@@ -222,8 +271,9 @@ def test_runner_records_failures_and_timeouts_and_continues(gc, tmp_path):
 def test_runner_does_not_start_a_section_it_cannot_finish(gc, tmp_path):
     sections = [gc.Section("late", [sys.executable, "-c", "raise SystemExit(5)"], 30)]
     (result,) = gc.run_sections(sections, tmp_path, budget_s=gc.MIN_START_S - 1, env={})
-    assert result.status == "skipped" and result.reason.startswith("out of time")
+    assert result.status == "not reached" and result.reason.startswith("overall budget spent")
     assert not (tmp_path / "logs" / "late.log").exists()
+    assert gc.exit_status([result]) == 0 and gc.verdict([result]) == "incomplete"
 
 
 @pytest.mark.slow
@@ -232,9 +282,11 @@ def test_dry_list_names_every_section_and_why_it_skips(tmp_path):
     proc = subprocess.run([str(REPO / "bench" / "gpu_check.sh"), "--dry-list"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    heads = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
+    heads = [line for line in proc.stdout.splitlines() if not line.startswith((" ", "essentials:"))]
     assert [h.split(":")[0] for h in heads] == ORDER
-    te_lines = [h for h in heads if h.startswith("train_te_")]
+    assert [h.split(":")[0] for h in heads if h.endswith("[essential]")] == ESSENTIALS
+    assert proc.stdout.splitlines()[-1].startswith("essentials: 280 s of limits (at most 300 s)")
+    te_lines = [h for h in heads if h.startswith("te_")]
     try:
         import transformer_engine.pytorch  # noqa: F401
         te_ok = True
@@ -242,3 +294,96 @@ def test_dry_list_names_every_section_and_why_it_skips(tmp_path):
         te_ok = False
     assert all(("skip: Transformer Engine does not import" in h) != te_ok for h in te_lines)
     assert not (tmp_path / "o").exists()  # a dry list writes nothing
+
+
+def _probe_section(gc, name: str, figures: dict, checks: tuple, timeout: float = 30):
+    """A probe section whose GPU part is stubbed: the command only writes the figures a GPU run would."""
+    code = f"import json, sys; json.dump({figures!r}, open(sys.argv[1], 'w'))"
+    return gc.Section(name, [sys.executable, "-c", code, "{work}/" + name + ".json"], timeout, kind="probe",
+                      artifact=f"{name}.json", checks=checks)
+
+
+def test_verdicts_not_reached_not_run_and_stubbed_gpu_claims(gc, tmp_path, monkeypatch):
+    """Issue 29 item 7 (a) and (b): cut off by the overall budget is "not reached" (exit 0 if all reached
+    sections passed), a section that asserted nothing is "not run" (never ok), its own limit is a timeout."""
+    py = sys.executable
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_skips.py").write_text("import pytest\n\n\ndef test_te():\n    pytest.skip('no TE')\n")
+    te_ok = {"bf16": {"losses": [10.4, 9.9], "te_modules": 8}, "fp8": {"losses": [10.4, 9.95], "te_modules": 8,
+                                                                       "fp8_modules": 6}}
+    te_far = {**te_ok, "fp8": {**te_ok["fp8"], "losses": [10.4, 12.0]}}
+    sections = [
+        _probe_section(gc, "te_close", te_ok, ("te_used", "fp8_used", "fp8_close")),
+        gc.Section("only_skips", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tests),
+                                  f"--junitxml={tmp_path / 'skips.xml'}", str(tests / "test_skips.py")], 60,
+                   kind="pytest", artifact="skips.xml"),
+        gc.Section("cut_off", [py, "-c", "import time; time.sleep(60)"], 600),  # its own limit is far
+        gc.Section("after", [py, "-c", "pass"], 30),
+    ]
+    for s in sections:
+        s.argv = [a.replace("{work}", str(tmp_path)) for a in s.argv]
+    monkeypatch.setattr(gc, "MIN_START_S", 1)
+    results = {r.name: r for r in gc.run_sections(sections, tmp_path, budget_s=12, env={})}
+    assert results["te_close"].status == "ok", results["te_close"].reason
+    assert results["only_skips"].status == "not run" and "0 tests passed" in results["only_skips"].reason
+    assert results["cut_off"].status == "not reached" and "overall budget" in results["cut_off"].reason
+    assert results["after"].status == "not reached"
+    assert gc.exit_status(list(results.values())) == 0 and gc.verdict(list(results.values())) == "incomplete"
+    # a stubbed fp8 run far from bf16, and a section past its OWN limit: failures
+    monkeypatch.setattr(gc, "MIN_START_S", 20)
+    failing = [_probe_section(gc, "te_far", te_far, ("te_used", "fp8_used", "fp8_close")),
+               gc.Section("slow", [py, "-c", "import time; time.sleep(60)"], 1)]
+    for s in failing:
+        s.argv = [a.replace("{work}", str(tmp_path)) for a in s.argv]
+    bad = {r.name: r for r in gc.run_sections(failing, tmp_path, budget_s=120, env={})}
+    assert bad["te_far"].status == "failed" and "not within 3%" in bad["te_far"].reason
+    assert bad["slow"].status == "timeout"
+    assert gc.exit_status(list(bad.values())) == 1 and gc.verdict(list(bad.values())) == "fail"
+    assert gc.verdict([results["te_close"]]) == "pass"
+
+
+def test_results_folder_holds_only_the_report_and_one_small_log_tarball(gc, tmp_path, monkeypatch):
+    """Issue 29 item 7 (c): main() with the GPU parts stubbed (CUDA probe, environment, the plan's
+    commands): $OUT gets gpu_check.json, a one-page gpu_check.md and logs.tar.gz, nothing else; run
+    dirs, checkpoints and full logs stay in the work folder."""
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    py = sys.executable
+    monkeypatch.setattr(gc, "_probe", lambda python, code, timeout=120: (True, ""))
+    monkeypatch.setattr(gc, "probe_environment", lambda python: {"device": {"ok": True, "info": "stub GPU"}})
+    writes_a_run = ("import os, sys; d = sys.argv[1]; os.makedirs(d + '/checkpoints/iter_0000001'); "
+                    "open(d + '/metrics.jsonl', 'w').write('{\"step\": 1, \"loss\": 2.5}\\n'); print('x' * 200000)")
+
+    def stub_plan(work_dir, python, env, **kw):
+        return [gc.Section("train_stub", [py, "-c", writes_a_run, str(work_dir / "runs" / "train_stub")], 60,
+                           kind="train", artifact="runs/train_stub", checks=("finite",), essential=True),
+                _probe_section(gc, "placement_stub", {"checked": 3, "off_device": [], "routers": [
+                    {"step_load_dtype": "torch.float64", "weight_dtype": "torch.bfloat16", "counted": 4.0,
+                     "expected": 4}]}, ("on_device", "bf16_counts"))]
+
+    monkeypatch.setattr(gc, "plan", stub_plan)
+    original_run_one = gc.run_one
+
+    def run_one(section, work_dir, timeout):
+        section.argv = [a.replace("{work}", str(work_dir)) for a in section.argv]
+        return original_run_one(section, work_dir, timeout)
+
+    monkeypatch.setattr(gc, "run_one", run_one)
+    assert gc.main(["--out", str(out), "--work", str(work), "--budget", "120"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "logs.tar.gz"]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    assert doc["verdict"] == "pass" and doc["exit_status"] == 0
+    assert [s["status"] for s in doc["sections"]] == ["ok", "ok"]
+    assert doc["budget_table"]["essentials_s"] == 60
+    page = (out / "gpu_check.md").read_text().splitlines()
+    assert page[2].startswith("**verdict: pass**") and len(page) < 60
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+        assert names == ["logs/placement_stub.log", "logs/train_stub.log"]
+        assert all(m.size <= gc.LOG_TAIL_BYTES for m in tar.getmembers())
+    assert (out / "logs.tar.gz").stat().st_size < 256 * 1024
+    assert (work / "runs" / "train_stub" / "metrics.jsonl").exists()  # the runs stay in the work folder
+    # the work folder may not be inside the results folder
+    assert gc.main(["--out", str(out), "--work", str(out / "w")]) == 2

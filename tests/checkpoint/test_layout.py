@@ -59,3 +59,39 @@ def test_stale_tmp_dirs_are_removed(tmp_path):
     keep = _fake_checkpoint(tmp_path, 2)
     layout.remove_stale_tmp(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [keep.name]
+
+
+def test_prune_deletes_only_what_a_manifest_lists(tmp_path):
+    """Issue 31: an iter_* dir without a manifest (not written by the project) and a file put into a
+    checkpoint after its save are never deleted; a symlinked iter_* dir is not followed."""
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+    foreign = tmp_path / layout.iter_name(1)
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / layout.iter_name(2) / "sub").mkdir()
+    (tmp_path / layout.iter_name(2) / "sub" / "added.txt").write_text("mine too")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    (tmp_path / layout.iter_name(3)).symlink_to(elsewhere)
+    layout.prune(tmp_path, 6, keep_last_n=1)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert [str(p.relative_to(tmp_path)) for p in sorted((tmp_path / layout.iter_name(2)).rglob("*"))] == [
+        f"{layout.iter_name(2)}/sub", f"{layout.iter_name(2)}/sub/added.txt"]  # the checkpoint's own files went
+    assert not (tmp_path / layout.iter_name(4)).exists()
+    assert (elsewhere / "keep.txt").exists() and (tmp_path / layout.iter_name(6) / layout.META).exists()
+
+
+def test_pointer_to_a_file_or_a_symlink_loop_names_the_true_reason(tmp_path):
+    (tmp_path / layout.iter_name(5)).write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"iter_0000005 exists and is not a directory \(the pointer"):
+        layout.read_metadata(tmp_path / layout.iter_name(5))
+    (tmp_path / layout.iter_name(6)).symlink_to(tmp_path / layout.iter_name(6))
+    with pytest.raises(CheckpointError, match=r"iter_0000006 is a symlink loop"):
+        layout.read_metadata(tmp_path / layout.iter_name(6))
+    with pytest.raises(CheckpointError, match=r"iter_0000007 does not exist \(the pointer"):
+        layout.read_metadata(tmp_path / layout.iter_name(7))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert layout.why_not_a_dir(tmp_path / "dangling") == f"is a symlink to {tmp_path / 'gone'}, which does not exist"
+    assert layout.why_not_a_dir(tmp_path / "absent") is None and layout.why_not_a_dir(tmp_path) is None

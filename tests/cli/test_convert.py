@@ -46,7 +46,9 @@ def _logits(model, x):
         return chunk(x, pos, None)
 
 
-def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_world):
+def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_world, capsys):
+    """upcycle through the console script (the one success path run as a process), then export-hf,
+    import-hf and inspect in-process through main(argv)."""
     from rexmoe_train.convert import checkpoint_io
 
     up = tmp_path / "up"
@@ -65,11 +67,11 @@ def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_wo
 
     # export -> import through the CLI: bitwise the same weights
     hf, back = tmp_path / "hf", tmp_path / "back"
-    proc = convert("export-hf", str(up), str(hf))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, out, err = convert_here(capsys, "export-hf", str(up), str(hf), "--quiet")
+    assert rc == 0, err[-2000:]
     # trained on bytes: the byte tokenizer ships without being asked (tests/convert/test_export_tokenizer.py
     # checks its ids through transformers), and the model knows its end-of-document id
-    assert "tokenizer byte (eos_token_id 256)" in proc.stdout
+    assert "tokenizer byte (eos_token_id 256)" in out
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == 256
     # weights readable by whoever may read config.json (safetensors alone writes 0600)
@@ -78,30 +80,49 @@ def test_upcycle_export_import_inspect(tmp_path, vanilla_checkpoint, megatron_wo
     modes = {p.name: p.stat().st_mode & 0o777 for p in hf.iterdir()}
     assert modes["config.json"] == 0o666 & ~umask
     assert all(mode == modes["config.json"] for mode in modes.values()), modes
-    proc = convert("import-hf", str(hf), str(back), "--step", str(meta["step"]))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, _, err = convert_here(capsys, "import-hf", str(hf), str(back), "--step", str(meta["step"]))
+    assert rc == 0, err[-2000:]
     original = {k: v.clone() for k, v in upcycled.chunks[0].state_dict().items() if torch.is_tensor(v)}
     _, imported, _ = checkpoint_io.load_model(back)
     reloaded = {k: v for k, v in imported.chunks[0].state_dict().items() if torch.is_tensor(v)}
     assert set(reloaded) == set(original)
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
 
-    proc = convert("inspect", str(up), "--ep", "2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "r=4 (1 groups)" in proc.stdout and "ExpertPlacement N=8 r=4 ep=2" in proc.stdout
-    assert "routers 8,192 (+6,144 vs vanilla" in proc.stdout
+    rc, out, err = convert_here(capsys, "inspect", str(up), "--ep", "2")
+    assert rc == 0, err[-2000:]
+    assert "r=4 (1 groups)" in out and "ExpertPlacement N=8 r=4 ep=2" in out
+    assert "routers 8,192 (+6,144 vs vanilla" in out
+    # each output is marked as the verb's own (what --overwrite may replace: tools/outputs.py)
+    from rexmoe_train.tools.outputs import MARKER
+
+    for path, verb in ((up, "upcycle"), (hf, "export-hf"), (back, "import-hf")):
+        assert json.loads((path / MARKER).read_text())["tool"] == f"rexmoe-convert {verb}"
 
 
-def test_bad_inputs_one_line_exit_2(tmp_path, vanilla_checkpoint):
-    """Bad inputs: wrong path, not a checkpoint, wrong architecture, mismatched r, corrupt file."""
+def convert_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`rexmoe-convert ARGS` in this process (megatron is imported once for the whole test)."""
+    from rexmoe_train.cli.convert import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, vanilla_checkpoint, megatron_world, capsys):
+    """Bad inputs: wrong path, not a checkpoint, wrong architecture, mismatched r, corrupt file. In-process
+    through main(argv): the same checks as the console script, without ~8 s of imports per case."""
     not_ckpt = tmp_path / "empty"
     not_ckpt.mkdir()
     corrupt = tmp_path / "corrupt"
-    assert convert("export-hf", str(vanilla_checkpoint), str(corrupt)).returncode == 0
+    assert convert_here(capsys, "export-hf", str(vanilla_checkpoint), str(corrupt), "--quiet")[0] == 0
     shard = sorted(corrupt.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])
     reused = tmp_path / "reused"
-    assert convert("upcycle", str(vanilla_checkpoint), str(reused), "-r", "2").returncode == 0
+    assert convert_here(capsys, "upcycle", str(vanilla_checkpoint), str(reused), "-r", "2")[0] == 0
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     other = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -122,12 +143,14 @@ def test_bad_inputs_one_line_exit_2(tmp_path, vanilla_checkpoint):
          "was trained with a vocabulary of 257 (data.tokenizer=byte)"),
         (["export-hf", str(vanilla_checkpoint), str(tmp_path / "o6"), "--tokenizer", str(tmp_path / "nope.json")],
          "no such file"),
-        (["export-hf", str(vanilla_checkpoint), str(tmp_path / "other.json")], "Not a directory"),
+        # an existing file as OUT: refused up front by the output guard (tools/outputs.py) since issue 31
+        (["export-hf", str(vanilla_checkpoint), str(tmp_path / "other.json")], "is not a directory"),
     ]
     for args, message in cases:
-        proc = convert(*args)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (args, proc.stderr[-1500:])
-        assert len(lines) == 1 and message in lines[0], (args, proc.stderr[-1500:])
+        rc, _, err = convert_here(capsys, *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 2, (args, err[-1500:])
+        assert len(lines) == 1 and message in lines[0], (args, err[-1500:])
         out = Path(args[2]) if len(args) > 2 and args[0] != "inspect" else None
         assert out is None or not out.exists() or out.is_file(), f"{args[0]} left output behind"
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]  # no temp dir left either

@@ -1,5 +1,5 @@
-"""cli/launch.py: the summary line names the cause among the failed ranks and the resume point.
-(The launcher end to end: tests/resilience/.)"""
+"""cli/launch.py (the agent logic: resilience/launcher.py): the summary line names the cause among the
+failed ranks and the resume point. (The launcher end to end: tests/resilience/.)"""
 
 from __future__ import annotations
 
@@ -69,3 +69,21 @@ def test_a_hang_names_the_rank_that_did_not_arrive(tmp_path):
 def test_codes_that_a_restart_cannot_help_are_named(tmp_path):
     code, what = describe_failure({0: _failure(0, 75), 1: _failure(1, 75)}, _paths(tmp_path), "L", 0)
     assert (code, what) == (75, "rank 0 exited 75 (pre-empted, checkpoint saved)")
+
+
+def test_an_error_a_restart_cannot_fix_is_summarised_by_its_own_line(tmp_path, monkeypatch):
+    """Exit 2 with the worker's line (written where torch's agent reads it): the summary is that line,
+    which says what to change, not "rank 1 exited 2 ... rerun to resume"."""
+    from rexmoe_train.resilience.launcher import summary_tail, write_error_file
+
+    line = f"config error: run.dir='{tmp_path}' is in use by pid 7 on host h; choose another run.dir"
+    error_file = tmp_path / "torchelastic" / "1" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert write_error_file(line)
+    failures = {1: ProcessFailure(local_rank=1, pid=1001, exitcode=2, error_file=str(error_file)),
+                0: _failure(0, -signal.SIGTERM)}
+    code, what = describe_failure(failures, _paths(tmp_path, step=4), "L", 0)
+    assert (code, what) == (2, f"{line} (rank 1, exit 2)")
+    assert summary_tail(code, 0, 3, "iter_0000004") == "not restarted: a restart would fail the same way"
+    assert summary_tail(1, 2, 3, "iter_0000004") == "restart 2/3 resumes from iter_0000004"
+    assert summary_tail(129, 0, 3, "iter_0000004") == "not restarted; rerun to resume from iter_0000004"

@@ -19,19 +19,82 @@ def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("override,field", [
+def train_here(capsys, *argv: str) -> tuple[int, list[str]]:
+    """`rexmoe-train ARGV` in this process, for the cases that stop before anything is built."""
+    from rexmoe_train.cli.train import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+BAD_OVERRIDES = [
     ("rexmoe.reuse_group_size=0", "rexmoe.reuse_group_size"),
     ("rexmoe.gating=softmax", "rexmoe.gating"),
     ("rexmoe=paper rexmoe.psr.end_step=10", "rexmoe.psr.end_step"),  # PSR on (the default has it off)
     ("+model.num_expert=4", "model.num_expert"),
-])
-def test_bad_override_one_line_exit_2_nothing_written(tmp_path, override, field):
+    ("train.train_iters=99999999999999999999", "train.train_iters"),  # beyond int64 (issue 31)
+    ("train.train_iters=9223372036854775807", "train.train_iters"),  # x global_batch_size overflows int64
+]
+
+
+@pytest.mark.parametrize("override,field", BAD_OVERRIDES, ids=[b[0] for b in BAD_OVERRIDES])
+def test_bad_override_one_line_exit_2_nothing_written(tmp_path, capsys, override, field):
     run_dir = tmp_path / "run"
-    proc = run_cli(*override.split(), f"run.dir={run_dir}", timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and field in lines[0], proc.stderr
+    rc, lines = train_here(capsys, *override.split(), f"run.dir={run_dir}")
+    assert rc == 2 and len(lines) == 1 and field in lines[0], lines
     assert not run_dir.exists()
+
+
+def test_bad_override_through_the_console_script(tmp_path):
+    """The one subprocess case: the real process path prints the same one line and exits 2."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("rexmoe.gating=softmax", f"run.dir={run_dir}", timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "rexmoe.gating" in lines[0], proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("broken,line,needle", [
+    ("train:\n  lr: 1\n  lr: 2\n", 3, "found duplicate key lr"),
+    ("train: [1, 2\n", 2, "expected ',' or ']'"),
+    ("x: \"\xff\"\n", 1, "not UTF-8"),
+], ids=["duplicate-key", "unparsable", "not-utf8"])
+def test_yaml_error_in_a_config_dir_is_one_line(tmp_path, capsys, monkeypatch, broken, line, needle):
+    """Issue 31: a user's REXMOE_CONFIG_DIR with a bad YAML file ended in a 60-line traceback, exit 1.
+    ``line``: where the problem is, counted from the end of the packaged config.yaml."""
+    import shutil
+    from importlib.resources import files
+
+    mine = tmp_path / "configs"
+    shutil.copytree(str(files("rexmoe_train.configs")), mine, ignore=shutil.ignore_patterns("__pycache__"))
+    config = mine / "config.yaml"
+    line += config.read_text().count("\n")
+    config.write_bytes(config.read_bytes() + broken.encode("latin-1"))
+    monkeypatch.setenv("REXMOE_CONFIG_DIR", str(mine))
+    rc, lines = train_here(capsys, f"run.dir={tmp_path / 'run'}")
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config} line {line}: {needle}"), lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_ctrl_c_line_says_what_a_rerun_starts_from(tmp_path):
+    """Issue 31: 'rerun to resume from the last checkpoint' was printed when there was none."""
+    from rexmoe_train.checkpoint import layout
+    from rexmoe_train.cli.train import _resume_hint
+    from rexmoe_train.config.compose import compose_experiment
+
+    cfg = compose_experiment([f"run.dir={tmp_path / 'run'}"]).experiment
+    assert _resume_hint(cfg) == "no checkpoint saved yet: a rerun starts from step 0"
+    cfg.checkpoint.load = "/some/other/checkpoints"
+    assert _resume_hint(cfg) == "no checkpoint saved yet: a rerun starts again from checkpoint.load=/some/other/checkpoints"
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    layout.replace_pointer(root, 7)
+    assert _resume_hint(cfg) == f"rerun to resume from {root / 'iter_0000007'}"
 
 
 @pytest.mark.slow  # a real end-to-end CLI run

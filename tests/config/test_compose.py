@@ -134,3 +134,19 @@ def test_model_from_a_search_path_gets_its_run_dir(tmp_path):
     assert cfg.model.num_layers == 2 and cfg.run.dir == "runs/mine-r2"
     assert compose_experiment([search, "model=mine", "rexmoe.reuse_group_size=1"]).experiment.run.dir.startswith(
         "runs/mine-r1-")
+
+
+def test_yaml_errors_in_a_config_dir_name_the_file_and_line(tmp_path):
+    """Issue 31: a duplicate key or a syntax error in a user's config dir was a 60-line traceback."""
+    mine = tmp_path / "configs"
+    shutil.copytree(str(PACKAGED), mine, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+    (mine / "model" / "dup.yaml").write_text("# @package _global_\nmodel:\n  hidden_size: 64\n  hidden_size: 128\n")
+    (mine / "model" / "bad.yaml").write_text("# @package _global_\nmodel: {hidden_size: 64\n")
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(["model=dup"], config_dir=str(mine))
+    assert str(err.value) == (f"config error: {mine / 'model' / 'dup.yaml'} line 4: found duplicate key "
+                              "hidden_size (while constructing a mapping)")
+    with pytest.raises(ConfigError) as err:
+        compose_experiment(["model=bad"], config_dir=str(mine))
+    assert str(err.value).startswith(f"config error: {mine / 'model' / 'bad.yaml'} line 3: ")
+    assert "\n" not in str(err.value)

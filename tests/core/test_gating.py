@@ -93,3 +93,24 @@ def test_gate_normalization():
     # softmax over 32 then top-2, scaled by 32/8: the same as x4
     torch.testing.assert_close(normalize_gates(probs, "scale_candidates", 32, 8), probs * 4.0)
     assert normalize_gates(probs, "none", 32, 8) is probs
+
+
+@pytest.mark.parametrize("gating", ["softmax_then_topk", "topk_then_softmax", "sigmoid"])
+def test_availability_mask_decides_on_the_host_and_copies_once(gating):
+    """Issue 29 item 4: the PSR mask's decisions (all available? how many?) come from its host copy and
+    its device copy is made once; gate() gives the same result as with the plain host mask."""
+    from rexmoe_train.core.gating import AvailabilityMask
+
+    host = torch.ones(32, dtype=torch.bool)
+    host[[1, 7, 8, 30]] = False
+    mask = AvailabilityMask(host)
+    assert (mask.all, mask.count) == (False, 28)
+    assert AvailabilityMask(torch.ones(4, dtype=torch.bool)).all
+    blocked = mask.on("cpu", blocked=True)
+    assert blocked is mask.on("cpu", blocked=True) and torch.equal(blocked, ~host)  # one copy, cached
+    assert mask.on("cpu", torch.uint8).dtype == torch.uint8
+    logits = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(gate(logits, 4, gating, mask), gate(logits, 4, gating, host)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="wants the host mask"):
+        AvailabilityMask(torch.ones(4, dtype=torch.bool, device="meta"))

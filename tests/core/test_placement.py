@@ -45,3 +45,14 @@ def test_ep_must_divide_n():
 def test_describe_is_printable_map():
     text = ExpertPlacement(4, 2, 2).describe()
     assert "candidate    5 (owner +1, expert   1) -> rank 0, slot 3" in text
+
+
+def test_the_permutation_reaches_a_device_once():
+    """Issue 29 item 4: to_physical copied the permutation to the device in every call (twice per
+    router call); now one copy per placement and device."""
+    p = ExpertPlacement(8, 4, 2)
+    first = p.permutation_on(torch.device("cpu"))
+    assert first is p.permutation_on("cpu") and torch.equal(first, p.candidate_of_physical)
+    x = torch.randn(3, 32)
+    assert torch.equal(p.to_physical(x), x.index_select(-1, p.candidate_of_physical))
+    assert p == ExpertPlacement(8, 4, 2)  # the cache is not part of the placement's identity

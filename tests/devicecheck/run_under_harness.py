@@ -24,6 +24,10 @@ def main(argv: list[str]) -> int:
     try:
         from tests.devicecheck import strict_device
 
+        if os.environ.get("REXMOE_NCCL_SEMANTICS") == "1":  # collectives return before they complete
+            from tests.devicecheck import nccl_semantics
+
+            nccl_semantics.install()  # then the strict harness on top
         strict_device.install()  # compat + the device overlay, before the first megatron import
         # as on a GPU, memory nobody wrote is not zeros: every empty() is NaN (ints: their max), so a
         # read of uninitialised memory fails every run instead of now and then

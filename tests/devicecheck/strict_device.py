@@ -44,6 +44,8 @@ _CPU = torch.device("cpu")
 _DEVICE_GENERATOR = torch.Generator()  # the "CUDA" RNG; seeded like torch.cuda's
 _INSTALLED = False
 STATS = {"dispatched_ops": 0, "collectives": 0, "device_rng_ops": 0}
+# hook(func, args, kwargs) before every op on a device tensor; func None: a host read (.tolist())
+OP_HOOKS: list[Callable[[Any, tuple, dict], None]] = []  # nccl_semantics.py: stream order
 
 
 class StrictDeviceError(RuntimeError):
@@ -137,6 +139,8 @@ class DeviceTensor(torch.Tensor):
         torch.Tensor.__setitem__(self, index, value)
 
     def tolist(self):  # a device-to-host read, as on a GPU (torch refuses it for subclasses)
+        for hook in OP_HOOKS:
+            hook(None, (self,), {})
         return self.elem.tolist()
 
     def numpy(self, *args: Any, **kwargs: Any):  # as CUDA: no implicit copy to the host
@@ -146,6 +150,8 @@ class DeviceTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         STATS["dispatched_ops"] += 1
+        for hook in OP_HOOKS:
+            hook(func, args, kwargs)
         seen_dev: list[DeviceTensor] = []
         seen_cpu: list[torch.Tensor] = []
 

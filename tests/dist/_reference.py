@@ -48,35 +48,48 @@ def summary(recs: dict[int, dict]) -> dict:
             "expert_bias_range": {s: r.get("expert_bias_range") for s, r in recs.items()}}
 
 
-def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = True) -> dict:
-    """Rank 0 runs the real CLI as ONE process (other ranks wait): 5 steps, a checkpoint at step 3.
-    With fresh_adam, a second 1-process run resumes from that checkpoint with
-    checkpoint.load_optimizer=false (model + LR schedule + step, new Adam state) to step 5: the
-    reference for step 5 of layouts that cannot load the optimizer state (ep > 1).
-
-    Every rank gets {"ckpt", "straight": summary, "fresh": summary or None}."""
+def _run_reference(base: Path, overrides: list[str], fresh_adam: bool) -> dict:
+    """The 1-process CLI runs of one reference, in this process's own session (no collectives):
+    5 steps with a checkpoint at step 3, and with fresh_adam the same resumed from step 3 with
+    checkpoint.load_optimizer=false (model + LR schedule + step, new Adam state) to step 5."""
     from rexmoe_train import checkpoint
     from tests.training.test_checkpoint import cli, finish
 
     ckpt = base / "one" / "checkpoints" / checkpoint.iter_name(3)
-    result: list = [None]
-    if dist.get_rank() == 0:
-        rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'one'}", log=base / "logs" / "one"))
-        result = [{"error": err[-3000:]} if rc else
-                  {"ckpt": ckpt, "straight": summary(records(base / "one")), "fresh": None}]
-        if not rc and fresh_adam:
-            rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'fresh'}", f"checkpoint.load={ckpt}",
-                                    "checkpoint.load_optimizer=false", log=base / "logs" / "fresh"))
-            if rc:
-                result = [{"error": err[-3000:]}]
-            else:
-                result[0]["fresh"] = summary(records(base / "fresh"))
-    dist.broadcast_object_list(result, src=0)
-    ref = result[0]
-    assert "error" not in ref, ref["error"]
-    if ref["fresh"] is not None:  # the resumed run redoes step 4 from the same weights: bitwise
-        assert all(ref["fresh"][k][4] == ref["straight"][k][4] for k in ("lm_loss", "grad_norm")), ref
-    return ref
+    rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'one'}", log=base / "logs" / "one"))
+    if rc:
+        return {"error": err[-3000:]}
+    result = {"ckpt": ckpt, "straight": summary(records(base / "one")), "fresh": None}
+    if fresh_adam:
+        rc, _, err = finish(cli(*COMMON, *overrides, f"run.dir={base / 'fresh'}", f"checkpoint.load={ckpt}",
+                                "checkpoint.load_optimizer=false", log=base / "logs" / "fresh"))
+        if rc:
+            return {"error": err[-3000:]}
+        result["fresh"] = summary(records(base / "fresh"))
+    return result
+
+
+def one_process_references(specs: dict[str, tuple[Path, list[str], bool]]) -> dict[str, dict]:
+    """name -> (base, overrides, fresh_adam) for each reference: the 1-process runs that the layouts
+    are compared with. Dealt round-robin over the ranks, which run their shares at the same time (a
+    reference is one process: rank 0 alone would leave the other cores idle), then gathered, so
+    every rank gets {name: {"ckpt", "straight": summary, "fresh": summary or None}}."""
+    names, rank, world = list(specs), dist.get_rank(), dist.get_world_size()
+    mine = {name: _run_reference(*specs[name]) for name in names[rank::world]}
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    refs = {name: ref for share in gathered for name, ref in share.items()}
+    for name in names:
+        ref = refs[name]
+        assert "error" not in ref, (name, ref["error"])
+        if ref["fresh"] is not None:  # the resumed run redoes step 4 from the same weights: bitwise
+            assert all(ref["fresh"][k][4] == ref["straight"][k][4] for k in ("lm_loss", "grad_norm")), (name, ref)
+    return {name: refs[name] for name in names}
+
+
+def one_process_reference(base: Path, overrides: list[str], fresh_adam: bool = True) -> dict:
+    """One reference (see one_process_references), run by rank 0 while the other ranks wait."""
+    return one_process_references({"reference": (base, overrides, fresh_adam)})["reference"]
 
 
 def rel_err(got: float, want: float) -> float:

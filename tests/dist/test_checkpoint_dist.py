@@ -104,12 +104,13 @@ CASES = ([("r2", layout) for layout in LAYOUTS if layout not in EIGHT_LAYER_LAYO
 
 @pytest.fixture(scope="module")
 def one_process_references():
-    """reference name -> its 1-process runs, each computed on first use and kept for the module.
+    """reference name -> its 1-process runs, all computed on first use (the ranks share the work:
+    tests/dist/_reference.py) and kept for the module.
 
-    Rank 0 runs the real CLI as ONE process: 5 steps with a checkpoint at step 3, and (when a layout
+    Each is the real CLI as ONE process: 5 steps with a checkpoint at step 3, and (when a layout
     of this reference cannot load the optimizer state) the same resumed from step 3 with a fresh Adam
-    state (tests/dist/_reference.py). Not an indirectly parametrized module fixture: pytest sets that
-    up again for every test whose parameter set differs (here: every layout)."""
+    state. Not an indirectly parametrized module fixture: pytest sets that up again for every test
+    whose parameter set differs (here: every layout)."""
     from rexmoe_train import compat
 
     compat.install()
@@ -117,14 +118,15 @@ def one_process_references():
 
     init_distributed()
     base = _reference.shared_dir()
-    cache: dict = {}
+    refs: dict = {}
 
     def get(name: str) -> tuple:
-        if name not in cache:  # every rank asks for the same names in the same order
-            fresh_adam = any(not LAYOUTS[layout][1] for ref, layout in CASES if ref == name)
-            cache[name] = (base / name, _reference.one_process_reference(
-                base / name, REFERENCES[name], fresh_adam=fresh_adam))
-        return cache[name]
+        if not refs:  # every rank gets here at its first test of this kind, together
+            specs = {ref: (base / ref, REFERENCES[ref],
+                           any(not LAYOUTS[layout][1] for r, layout in CASES if r == ref))
+                     for ref in dict.fromkeys(r for r, _ in CASES)}
+            refs.update(_reference.one_process_references(specs))
+        return base / name, refs[name]
 
     yield get
     _reference.remove_shared_dir(base)

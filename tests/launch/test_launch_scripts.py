@@ -35,6 +35,9 @@ def test_two_process_expert_parallel_run(tmp_path):
         # a 3-step smoke run needs no warm-up override (its default is min(20, train_iters // 10))
         return subprocess.run(
             ["bash", str(REPO / "launch/torchrun.sh"), "2", f"train.train_iters={steps}",
+             # the test model's shapes: what is checked is the launcher, not the model
+             "model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_length=32",
+             "train.micro_batch_size=1", "train.global_batch_size=4", "train.eval_iters=1",
              "train.eval_interval=3", "parallel.expert_model_parallel_size=2", "run.progress=false",
              f"run.dir={run_dir}", f"checkpoint.save={tmp_path / 'ckpt'}"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

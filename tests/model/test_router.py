@@ -66,3 +66,37 @@ def test_available_candidates_follow_the_configured_mask_draw(layout, draw):
     only_grows = all(not (before & ~after).any() for before, after in zip(seen, seen[1:]))
     assert only_grows == (draw == "nested")
     assert seen[-1].all()
+
+
+def test_forced_balance_spreads_tokens_evenly_over_the_available_candidates(layout):
+    """model.moe_router_force_load_balancing (benchmark only): megatron's random router logits, then
+    the ReXMoE gate with the PSR mask. With weights that send every token to the same candidates, the
+    normal router concentrates the load; forced, the load over the AVAILABLE candidates is uniform
+    within sampling noise and the masked candidates get nothing."""
+    from rexmoe_train.model.gpt import build_model
+
+    cfg = tiny_config(r=4, layers=4, psr="linear", start_step=0, end_step=10)
+    cfg.model.moe_router_force_load_balancing = True
+    layout(cfg.parallel)
+    built = build_model(cfg, 96)
+    built.psr_state.set_step(4)  # 8 + 24 * 4 // 10 = 17 of 32 candidates available
+    router = built.routers[1]
+    assert router.config.moe_router_force_load_balancing  # the field reaches megatron's router config
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.arange(router.weight.shape[0], dtype=torch.float32)  # skewed
+    router.train()
+    hidden = torch.rand(2048, 1, cfg.model.hidden_size) + 1.0
+    allowed = router.available()
+    # the placement is the identity at ep = 1: physical order is candidate order
+    balanced = router(hidden)[1].sum(dim=0).double()
+    router.config.moe_router_force_load_balancing = False
+    skewed = router(hidden)[1].sum(dim=0).double()
+    assert int(allowed.sum()) == 17
+    expected = 2048 * 2 / 17  # tokens * k / available
+    assert skewed.max() > 0.5 * 2048  # the weights alone route (nearly) every token to one candidate
+    assert balanced[~allowed].sum() == 0  # the PSR mask is respected
+    assert balanced.sum() == 2048 * 2
+    # each available candidate within 5 standard deviations of the uniform expectation (binomial)
+    spread = (expected * (1 - 2 / 17)) ** 0.5
+    assert (balanced[allowed] - expected).abs().max() < 5 * spread, balanced[allowed]

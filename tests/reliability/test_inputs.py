@@ -39,6 +39,8 @@ BAD_VALUES = [
     ("checkpoint.exit_duration_mins=inf", "checkpoint.exit_duration_mins="),
     ("data.valid_fraction=nan", "data.valid_fraction="), ("run.collapse_share=nan", "run.collapse_share="),
     ("train.lrr=1", "unknown field 'train.lrr'"),
+    ("train.train_iters=99999999999999999999", "train.train_iters="),  # beyond int64 (issue 31)
+    ("train.train_iters=2305843009213693952", "train.train_iters="),  # x global_batch_size beyond int64
 ]
 
 
@@ -183,3 +185,16 @@ def test_preprocess_refuses_an_empty_text_file(tmp_path):
     rc = main(["--input", str(tmp_path / "ok.txt"), str(tmp_path / "empty.txt"),
                "--output-prefix", str(tmp_path / "out" / "ds"), "--workers", "1", "--no-progress"])
     assert rc == 2 and not (tmp_path / "out").exists()
+
+
+def test_run_dir_symlink_loop_or_dangling_link_names_the_true_reason(tmp_path):
+    """Issue 31: a symlink loop as run.dir was reported as 'File exists' (mkdir's EEXIST)."""
+    from rexmoe_train.training.run_lock import RunLock
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError, match="is a symlink loop"):
+        RunLock(str(tmp_path / "loop")).acquire()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="which does not exist"):
+        RunLock(str(tmp_path / "dangling")).acquire()
+    assert not (tmp_path / "gone").exists()

@@ -73,3 +73,49 @@ def test_subreaper_request_is_accepted_on_linux():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sys.platform.startswith("linux"))
     assert os.getpid() > 0
+
+
+ABORT, PEER, TERM = -6, 77, -15  # NCCL's watchdog aborts (SIGABRT); a peer failure; the agent's SIGTERM
+
+
+def _beats(steps: dict, world: int = 4) -> dict:
+    return {r: {"rank": r, "world_size": world, "section": s[1] if isinstance(s, tuple) else "step",
+                "step": s[0] if isinstance(s, tuple) else s, "time": 0.0} for r, s in steps.items()}
+
+
+def test_when_the_collective_timeout_fires_first_the_rank_they_waited_for_is_named_not_rank_0():
+    same = _beats({0: 6, 1: 6, 2: 6, 3: 6})
+    # ranks 0, 1, 3 aborted in the collective; rank 2 (hung in its step) was still running
+    said = attempts.hung_after_collective_abort(same, {0: ABORT, 1: ABORT, 3: ABORT})
+    assert said.startswith("rank 2 hung at step 6; the other ranks aborted in a collective that timed out")
+    # ... or was stopped by the agent after the others had died
+    said = attempts.hung_after_collective_abort(same, {0: ABORT, 1: ABORT, 2: TERM, 3: PEER})
+    assert said.startswith("rank 2 hung at step 6;")
+    # every rank aborted: the heartbeats tell (rank 1 never entered step 7, or was still in its step)
+    behind = _beats({0: 7, 1: 6, 2: 7, 3: 7})
+    assert attempts.hung_after_collective_abort(behind, {r: ABORT for r in range(4)}).startswith("rank 1 hung at step 6;")
+    section = _beats({0: (7, "save"), 1: (7, "step"), 2: (7, "save"), 3: (7, "save")})
+    assert attempts.hung_after_collective_abort(section, {r: PEER for r in range(4)}).startswith("rank 1 hung at step 7;")
+    # nothing tells them apart: said so, no rank blamed
+    said = attempts.hung_after_collective_abort(same, {r: ABORT for r in range(4)})
+    assert said.startswith("every rank aborted in a collective that timed out (ranks 0, 1, 2, 3)")
+
+
+def test_a_rank_that_failed_of_its_own_accord_is_left_to_the_usual_rules():
+    same = _beats({0: 6, 1: 6, 2: 6, 3: 6})
+    assert attempts.hung_after_collective_abort(same, {0: PEER, 1: 1}) is None  # an exception on rank 1
+    assert attempts.hung_after_collective_abort(same, {0: PEER, 1: -9}) is None  # SIGKILL (OOM killer)
+    assert attempts.hung_after_collective_abort(same, {0: 76, 1: 76, 3: 76}) is None  # the watchdog's
+    assert attempts.hung_after_collective_abort(same, {0: TERM}) is None  # no abort at all
+
+
+def test_the_launchers_summary_names_the_hung_rank(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from rexmoe_train.resilience.launcher import RunPaths, describe_failure
+
+    for rank in range(4):
+        _beat(tmp_path, rank, 9)
+    failures = {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=ABORT, error_file="<none>") for r in (0, 1, 3)}
+    code, what = describe_failure(failures, RunPaths(["run.dir=" + str(tmp_path)]), "L", 0)
+    assert code == 76 and what.startswith("rank 2 hung at step 9;"), what

@@ -198,6 +198,7 @@ def _stubs(bin_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # waits with deadlines for checkpoints and rendezvous rounds
 def test_slurm_job_loses_a_node_and_continues_with_dp2(tmp_path):
     """launch/slurm.sbatch, 2 nodes x 2 processes (c10d rendezvous on 127.0.0.1, MIN_NODES=1, one
     restart): once step 2's checkpoint is complete, node 1 (its agent and trainers) is SIGKILLed. Node

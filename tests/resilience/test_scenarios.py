@@ -30,7 +30,7 @@ TINY = ["model.hidden_size=64", "model.moe_ffn_hidden_size=64", "train.seq_lengt
         "parallel.expert_model_parallel_size=2",
         "checkpoint.async_save=false", "run.wandb.mode=disabled"]
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                                    reason="the launcher's reaper and the checks read /proc")]
 
 
@@ -163,6 +163,8 @@ def test_sigstop_one_rank_of_4_dumps_names_it_and_restarts(tmp_path):
     budget, collective = 15, 60
     run = Launch(tmp_path, "train.train_iters=8", "checkpoint.save_interval=4",
                  f"resilience.step_timeout_s={budget}", f"resilience.train_timeout_s={collective}",
+                 # every watchdog budget below the collective timeout (the config refuses a ladder that is not)
+                 f"resilience.eval_timeout_s={budget}",
                  fault="stop:2@6")
     assert run.returncode == 0, run.explain()
     assert len(run.summary) == 1, run.explain()

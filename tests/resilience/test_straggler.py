@@ -68,3 +68,62 @@ def test_collective_clock_counts_blocking_collectives_once(megatron_world):
     report.step_ended(0.5)
     fields = report.gather()
     assert fields["busy_s_max_rank"] == 0 and 0 < fields["busy_s_median"] <= 0.5
+
+
+class _ScriptedEvent:
+    """A CUDA event whose device time the test sets: ``now`` when recorded, unless the test moves it."""
+
+    now = 0.0
+    made = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        _ScriptedEvent.made += 1
+        self.at, self.done = None, True
+
+    def record(self, stream=None) -> None:
+        self.at, self.done = _ScriptedEvent.now, True
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+    def elapsed_time(self, end) -> float:
+        assert self.done and end.done, "read before the stream passed it"
+        return (end.at - self.at) * 1e3
+
+
+def test_the_device_clock_subtracts_the_device_time_in_collectives(megatron_world, monkeypatch):
+    """NCCL: the host returns from a collective at once; the device events around it span the wait."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "Event", _ScriptedEvent)
+    monkeypatch.setattr(CollectiveClock, "_pool", [])
+    report = StragglerReport(0, 1, 0.25, 0.05, 5, on_device=True)
+    try:
+        assert CollectiveClock.on_device
+        for step in range(3):
+            _ScriptedEvent.now = 10.0 * step
+            report.step_started()
+            _ScriptedEvent.now += 0.2  # compute
+            dist.all_reduce(torch.ones(2))  # recorded at +0.2 ...
+            report_span = CollectiveClock.spans[-1]
+            report_span[1].at = _ScriptedEvent.now + 0.5  # ... the stream passes its end 0.5 s later
+            report_span[1].done = step < 2  # the last step's collective still runs on the device
+            _ScriptedEvent.now += 0.5 + 0.1  # the rest of the step after the wait
+            report.step_ended(elapsed_s=0.01)  # the host's time: ignored by the device clock
+            report._recorded[-1][1].done = step < 2  # the stream passes the step's end after the collective
+        report.step_started()  # reads back the two finished steps, not the running one
+        assert report._steps == 2 and abs(report._busy - 0.6) < 1e-9
+        vector = report.local_vector()  # waits for the third
+        assert abs(float(vector[0]) - 0.3) < 1e-9  # (0.2 + 0.1) busy per step, the 0.5 s wait subtracted
+        made = _ScriptedEvent.made
+        report.step_ended(0.0)
+        report.step_started()
+        dist.all_reduce(torch.ones(2))
+        assert _ScriptedEvent.made == made  # events are reused once read back
+    finally:
+        CollectiveClock.on_device = False
+        CollectiveClock.take_spans()

@@ -62,3 +62,71 @@ def test_the_first_section_of_a_process_gets_the_start_up_budget(tmp_path, monke
         time.sleep(0.6)
     dog.close()
     assert codes == [ExitCode.HUNG]
+
+
+def test_the_flight_recorder_dump_follows_the_backend_and_keeps_completed_entries(tmp_path, monkeypatch):
+    """NCCL collectives are in ProcessGroupNCCL's recorder (``_dump_nccl_trace_json``, CUDA builds only),
+    gloo's in the generic one; both are asked for every entry (onlyActive=False), the completed ones
+    too: the last completed sequence id per group is what shows which rank stopped issuing."""
+    import torch._C._distributed_c10d as c10d
+
+    from rexmoe_train.resilience import watchdog
+
+    calls = []
+
+    def recorder(name):
+        def dump(include_collectives, only_active):
+            calls.append((name, include_collectives, only_active))
+            return b'{"entries": []}'
+
+        return dump
+
+    monkeypatch.setattr(c10d, "_dump_nccl_trace_json", recorder("nccl"), raising=False)
+    monkeypatch.setattr(c10d, "_dump_fr_trace_json", recorder("generic"))
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "16")
+    said = watchdog._dump_flight_recorder(tmp_path / "nccl.json", "nccl")
+    assert calls == [("nccl", True, False)] and "_dump_nccl_trace_json" in said
+    assert (tmp_path / "nccl.json").read_bytes() == b'{"entries": []}'
+    watchdog._dump_flight_recorder(tmp_path / "gloo.json", "gloo")
+    assert calls[1:] == [("generic", True, False)]
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "0")
+    assert watchdog._dump_flight_recorder(tmp_path / "off.json", "nccl").startswith("off")
+
+
+def test_the_gloo_path_dumps_a_real_flight_recorder(tmp_path):
+    import subprocess
+    import sys
+
+    # a fresh process: the recorder's size is read when the first group is made
+    code = (
+        "import os, sys, tempfile\n"
+        "os.environ['TORCH_FR_BUFFER_SIZE'] = '64'\n"
+        "import torch, torch.distributed as dist\n"
+        "from pathlib import Path\n"
+        "from rexmoe_train.resilience.watchdog import _dump_flight_recorder\n"
+        "dist.init_process_group('gloo', store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)\n"
+        "dist.all_reduce(torch.ones(3))\n"
+        "print(_dump_flight_recorder(Path(sys.argv[1])))\n")
+    path = tmp_path / "rank0.flight_recorder.json"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "_dump_fr_trace_json" in out.stdout
+    entries = json.loads(path.read_text())["entries"]
+    assert [e["profiling_name"] for e in entries] == ["gloo:all_reduce"]
+
+
+def test_after_start_up_a_first_section_gets_its_own_budget(tmp_path, monkeypatch):
+    """The start-up budget is for sections under the start-up collective timeout; an evaluation first
+    run after the first step is under the training timeout, which its own budget is below."""
+    monkeypatch.setenv("REXMOE_LAUNCH_ID", "t")
+    codes: list[int] = []
+    dog = Watchdog(str(tmp_path), rank=0, world_size=2, budgets={"step": 5.0, "eval": 0.2, "save": None},
+                   first_budget=3.0)
+    dog.exit = codes.append
+    with dog.section("step", 1):
+        pass
+    dog.end_start_up()
+    with dog.section("eval", 1):  # the first eval of the process, but start-up is over: 0.2 s, not 3 s
+        time.sleep(0.8)
+    dog.close()
+    assert codes == [ExitCode.HUNG]

@@ -119,3 +119,10 @@ def test_activation_estimate_follows_recompute(layout):
     cfg = tiny_config(r=4, layers=4)
     cfg.model = dataclasses.replace(cfg.model, **RECOMPUTE["full"])
     assert "recompute full): " in describe(cfg, 257)
+
+
+
+def test_dry_run_names_the_planner_as_the_memory_source_of_truth():
+    text = describe(compose_config("model=rexmoe_2.3b"), 32000)
+    [line] = [line for line in text.splitlines() if line.startswith("memory: formula estimates")]
+    assert "rexmoe-plan" in line

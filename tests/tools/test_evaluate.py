@@ -68,6 +68,7 @@ def test_full_psr_and_bad_inputs(trained_run, tmp_path, capsys, megatron_world):
     assert main([str(trained_run / "checkpoints"), "--psr-step", "full", "--batches", "1",
                  "--out", str(full)]) == 0
     result = json.loads(full.read_text())
+    assert result["written_by"] == "rexmoe-eval"  # the mark that lets a later --overwrite replace it
     # all r*N = 32 candidates open, as in an exported model
     assert result["psr"]["candidates"] == 32 and result["tokens"] == 2 * 32
     assert all(sum(layer) == 2 * 32 * 2 for layer in result["router"]["expert_load"][0])

@@ -99,3 +99,135 @@ def test_time_series_come_from_the_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
     assert time_series(load_records(tmp_path)) == {}
     assert [p.name for p in plot_run(tmp_path, tmp_path / "o")] == ["loss.png"]
+
+
+# --- rexmoe-plot scaling: loss and Δ vs tokens over seeds (docs/scaling.md) -----------------------
+
+SCALING_STEPS = [0, 250, 500, 750, 1000, 1250]
+
+
+def _scaling_run(root: Path, name: str, seed: int, losses: list[float], gbs: int = 8, seq: int = 256) -> Path:
+    """A run dir as the trainer leaves it: config.yaml (the fields read) and metrics.jsonl with
+    training records between the evaluations, a torn last line, and one evaluation repeated."""
+    run = root / f"{name}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"train:\n  seed: {seed}\n  train_iters: 1250\n  global_batch_size: {gbs}\n"
+                                     f"  seq_length: {seq}\nmodel:\n  num_layers: 4\n")
+    lines = []
+    for step, loss in zip(SCALING_STEPS, losses):
+        lines.append(json.dumps({"step": step, "loss": loss + 0.5}))
+        if step == 500:  # evaluated before a stop and again after the resume: the last value counts
+            lines.append(json.dumps({"step": step, "val_loss": loss + 9.0}))
+        lines.append(json.dumps({"step": step, "val_loss": loss}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99')
+    return run
+
+
+def _scaling_fixture(tmp_path):
+    rng = np.random.default_rng(3)
+    vanilla = {s: 3.0 - 0.3 * np.log1p(np.arange(6)) + rng.normal(0, 0.02, 6) for s in (42, 43, 44)}
+    # reuse: vanilla plus a per-seed offset and a Δ that falls linearly with tokens from step 500 on
+    drift = np.array([0.05, 0.03, 0.01, -0.01, -0.03, -0.05])
+    reuse = {s: vanilla[s] + drift + 0.004 * (s - 43) for s in (42, 43, 44)}
+    groups = {"vanilla": [_scaling_run(tmp_path, "vanilla", s, vanilla[s].tolist()) for s in (42, 43, 44)],
+              "r4": [_scaling_run(tmp_path, "r4", s, reuse[s].tolist()) for s in (44, 42, 43)]}  # any order
+    return groups, vanilla, reuse
+
+
+def test_scaling_summary_against_numpy(tmp_path):
+    from rexmoe_train.tools.plot import scaling_summary, scaling_table
+
+    groups, vanilla, reuse = _scaling_fixture(tmp_path)
+    summary = scaling_summary(groups, baseline="vanilla")
+    assert summary["tokens_per_step"] == 2048
+    r4 = summary["settings"]["r4"]
+    assert r4["seeds"] == [42, 43, 44] and r4["last_steps"] == [1250] * 3
+    assert [p["step"] for p in r4["points"]] == SCALING_STEPS
+    values = np.stack([reuse[s] for s in (42, 43, 44)])
+    for i, p in enumerate(r4["points"]):
+        assert p["tokens"] == SCALING_STEPS[i] * 2048 and p["n"] == 3
+        assert p["mean"] == pytest.approx(values[:, i].mean(), abs=1e-12)
+        assert p["sd"] == pytest.approx(values[:, i].std(ddof=1), abs=1e-12)
+    deltas = values - np.stack([vanilla[s] for s in (42, 43, 44)])
+    d = summary["delta"]["r4"]
+    for i, p in enumerate(d["points"]):
+        assert p["values"] == pytest.approx(deltas[:, i].tolist(), abs=1e-12)
+        assert p["mean"] == pytest.approx(deltas[:, i].mean(), abs=1e-12)
+        assert p["sd"] == pytest.approx(deltas[:, i].std(ddof=1), abs=1e-12)
+    # last third of the tokens span (steps >= 833): steps 1000 and 1250; slope per million tokens
+    tail = np.array([1000, 1250]) * 2048 / 1e6
+    assert d["slope_last_third"] == pytest.approx(np.polyfit(tail, deltas.mean(axis=0)[4:], 1)[0], rel=1e-9)
+    table = scaling_table(summary)
+    row = next(line for line in table.splitlines() if line.startswith("| 1250 |"))
+    assert f"{values[:, 5].mean():.4f} ± {values[:, 5].std(ddof=1):.4f}" in row
+    assert f"{deltas[:, 5].mean():+.4f} ± {deltas[:, 5].std(ddof=1):.4f}" in row
+    assert f"{d['slope_last_third']:+.4f} per M tokens" in table
+
+
+def _val(run_dir: Path, step: int) -> float:
+    records = [json.loads(line) for line in run_dir.joinpath("metrics.jsonl").read_text().splitlines()[:-1]]
+    return [r["val_loss"] for r in records if r["step"] == step and "val_loss" in r][-1]
+
+
+def test_scaling_partial_runs_use_common_steps_only(tmp_path):
+    from rexmoe_train.tools.plot import scaling_summary, scaling_table
+
+    groups, vanilla, _ = _scaling_fixture(tmp_path)
+    short = groups["r4"][0]  # seed 44 stopped after its step-500 evaluation
+    lines = short.joinpath("metrics.jsonl").read_text().splitlines()
+    cut = max(i for i, line in enumerate(lines) if '"step": 500' in line and "val_loss" in line)
+    short.joinpath("metrics.jsonl").write_text("\n".join(lines[:cut + 1]) + "\n")
+    summary = scaling_summary(groups, baseline="vanilla")
+    assert summary["settings"]["r4"]["last_steps"] == [500, 1250, 1250]
+    assert [p["step"] for p in summary["settings"]["r4"]["points"]] == [0, 250, 500]
+    assert [p["step"] for p in summary["delta"]["r4"]["points"]] == [0, 250, 500]
+    assert [p["step"] for p in summary["settings"]["vanilla"]["points"]] == SCALING_STEPS
+    # the table still shows the later steps, as means over the seeds that reached them, with their n
+    later = np.array([_val(groups["r4"][i], 1250) for i in (1, 2)])
+    row = next(line for line in scaling_table(summary).splitlines() if line.startswith("| 1250 |"))
+    assert f"{later.mean():.4f} ± {later.std(ddof=1):.4f} (n=2)" in row
+
+
+def test_scaling_figure_from_the_cli(tmp_path, capsys):
+    groups, _, _ = _scaling_fixture(tmp_path)
+    out = tmp_path / "figs" / "scaling.png"
+    spec = [f"--setting={name}={','.join(map(str, dirs))}" for name, dirs in groups.items()]
+    assert main(["scaling", *spec, "--out", str(out), "--table"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == str(out) and any(line.startswith("| 1250 |") for line in printed)
+    _png_ok(out)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"baseline": "vanilla", "labels": {"r4": "r=4"},
+                                    "settings": {k: [str(d) for d in v] for k, v in groups.items()}}))
+    assert main(["scaling", "--manifest", str(manifest), "--out", str(out)]) == 0  # replaces its own PNG
+    _png_ok(out)
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("bad_setting", "must be NAME=DIR"),
+    ("not_png", "must be a .png"),
+    ("over_input", "not a PNG: not overwritten"),
+    ("tokens_differ", "differ in tokens per step"),
+    ("same_seed", "two runs with seed 43"),
+    ("bad_baseline", "baseline 'nope'"),
+])
+def test_scaling_bad_input_one_line_exit_2(tmp_path, capsys, case, phrase):
+    groups, _, _ = _scaling_fixture(tmp_path)
+    v = ",".join(map(str, groups["vanilla"]))
+    r = ",".join(map(str, groups["r4"]))
+    out = str(tmp_path / "fig.png")
+    argv = {"bad_setting": ["--setting", "vanilla", "--out", out],
+            "not_png": ["--setting", f"vanilla={v}", "--out", str(tmp_path / "fig.jpg")],
+            "over_input": ["--setting", f"vanilla={v}", "--out", str(tmp_path / "notes.png")],
+            "tokens_differ": ["--setting", f"vanilla={v}", "--setting",
+                              f"r4={_scaling_run(tmp_path, 'wide', 42, [3.0] * 6, gbs=16)}", "--out", out],
+            "same_seed": ["--setting", f"r4={r},{groups['vanilla'][1]}", "--out", out],
+            "bad_baseline": ["--setting", f"vanilla={v}", "--baseline", "nope", "--out", out]}[case]
+    (tmp_path / "notes.png").write_text("not an image: never overwritten\n")
+    before = (groups["vanilla"][0] / "metrics.jsonl").read_bytes()
+    assert main(["scaling", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("rexmoe-plot") and phrase in err, err
+    assert (groups["vanilla"][0] / "metrics.jsonl").read_bytes() == before
+    assert (tmp_path / "notes.png").read_text() == "not an image: never overwritten\n"
+    assert not (tmp_path / "fig.png").exists()

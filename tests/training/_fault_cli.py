@@ -1,6 +1,6 @@
 """`rexmoe-train` with a fault injected: `python tests/training/_fault_cli.py POINT@STEP OVERRIDES...`
-SIGKILLs the process at one named point of the save of STEP (rexmoe_train.checkpoint.manager's
-SAVE_POINTS), through the manager's test seam. Test-only: production code holds no kill logic."""
+SIGKILLs the process at one named point of the save of STEP (rexmoe_train.checkpoint.faults'
+SAVE_POINTS), through that test seam. Test-only: production code holds no kill logic."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ def main() -> int:
     from rexmoe_train import compat
 
     compat.install()
-    from rexmoe_train.checkpoint import manager
+    from rexmoe_train.checkpoint import faults
     from rexmoe_train.cli.train import main as train_main
 
-    if point not in manager.SAVE_POINTS:
-        raise SystemExit(f"unknown save point {point!r}; one of {', '.join(manager.SAVE_POINTS)}")
+    if point not in faults.SAVE_POINTS:
+        raise SystemExit(f"unknown save point {point!r}; one of {', '.join(faults.SAVE_POINTS)}")
 
     def kill_at(name: str, step: int) -> None:
         if name == point and (not at or int(at) == step):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    manager.set_fault_hook(kill_at)
+    faults.set_fault_hook(kill_at)
     return train_main(overrides)
 
 

@@ -412,7 +412,7 @@ def test_mismatched_checkpoint_through_trainer_writes_nothing(megatron_world, sa
 # the real CLI: exit 2 on a bad checkpoint, SIGKILL inside a save, SIGTERM mid-run
 # --------------------------------------------------------------------------------------------------
 # Where the step-4 save is killed, and the step the pointer must name afterwards. (Every point of
-# checkpoint.manager.SAVE_POINTS works; four keep the test short: shards half-way, renamed but not pointed
+# checkpoint.faults.SAVE_POINTS works; four keep the test short: shards half-way, renamed but not pointed
 # to, pointer temp file written but not renamed, pruning half-way.)
 # REXMOE_TEST_KILL_POINTS=all (or a comma list) tries others (docs/reliability.md lists the runs).
 KILL_POINTS = os.environ.get("REXMOE_TEST_KILL_POINTS", "after_shards,after_rename,pointer_tmp,mid_prune").split(",")
@@ -425,7 +425,7 @@ def test_cli_sigkill_during_save_keeps_a_valid_checkpoint(megatron_world, tmp_pa
     """Each run saves at step 2, then is SIGKILLed at one point of the step-4 save. The pointer must
     name a complete checkpoint that loads; a later save in the same dir must still work."""
     from rexmoe_train import checkpoint
-    from rexmoe_train.checkpoint.manager import SAVE_POINTS
+    from rexmoe_train.checkpoint.faults import SAVE_POINTS
 
     global KILL_POINTS
     if KILL_POINTS == ["all"]:

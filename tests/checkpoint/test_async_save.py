@@ -105,3 +105,40 @@ def test_sigkill_during_async_write_resumes_from_previous_checkpoint(tmp_path):
     ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(ref) == sorted(got) == list(range(1, 7))
     assert got == ref  # bitwise: steps 1-2 of the killed run, 3-6 of the resumed one
+
+
+def test_a_failed_commit_raises_where_the_save_is_waited_on_and_only_there(megatron_world, tmp_path):
+    """The async machinery (rexmoe_train/checkpoint/async_save.py): the save's handle carries its
+    failure; finalize() raises it once, where the save is waited on, and the save is over (nothing in
+    flight, the previous checkpoint and pointer untouched, the .tmp removed)."""
+    from rexmoe_train.checkpoint import CheckpointError, faults, layout, read_tracker
+
+    cfg = ramp_config(tmp_path / "run", train_iters=6, keep_last_n=None)
+    trainer = make_trainer(cfg)
+    ck, root = trainer.checkpoints, layout.save_root(cfg)
+    trainer.train_step()
+    trainer.save_checkpoint(blocking=True)
+
+    def disk_gone(point: str, step: int) -> None:
+        if point == "after_meta" and step == 2:
+            raise OSError(28, "No space left on device", str(root))
+
+    faults.set_fault_hook(disk_gone)
+    try:
+        trainer.train_step()
+        trainer.save_checkpoint()  # async: the write starts; the commit fails later
+        assert ck.save_in_flight == 2
+        with pytest.raises(CheckpointError, match=r"saving step 2 failed: .*\[ENOSPC\].*previous checkpoint \(step 1\)"):
+            ck.finalize(blocking=True)
+    finally:
+        faults.set_fault_hook(None)
+    assert ck.save_in_flight is None and ck.finalize(blocking=True)  # raised once, not again
+    assert read_tracker(root) == 1 and not (root / "iter_0000002.tmp").exists()
+    # a blocking save's failed commit raises from save() itself
+    faults.set_fault_hook(disk_gone)
+    try:
+        with pytest.raises(CheckpointError, match="saving step 2 failed"):
+            trainer.save_checkpoint(blocking=True)
+    finally:
+        faults.set_fault_hook(None)
+    assert ck.save_in_flight is None and read_tracker(root) == 1

@@ -1,7 +1,7 @@
 """`rexmoe-train` killed during an async checkpoint write:
 `python tests/resilience/_async_fault_cli.py STEP OVERRIDES...`.
 
-The hook runs in the forked shard writer of the save of STEP (rexmoe_train.checkpoint.manager's
+The hook runs in the forked shard writer of the save of STEP (rexmoe_train.checkpoint.faults'
 WRITER_POINTS: this rank's shard files are written, nothing is finalized) and SIGKILLs the trainer
 (its parent); the writer itself then dies of the parent-death signal the manager sets. Test-only:
 production code holds no kill logic."""
@@ -19,7 +19,7 @@ def main() -> int:
     from rexmoe_train import compat
 
     compat.install()
-    from rexmoe_train.checkpoint import manager
+    from rexmoe_train.checkpoint import faults
     from rexmoe_train.cli.train import main as train_main
 
     trainer_pid = os.getpid()
@@ -29,7 +29,7 @@ def main() -> int:
             os.kill(trainer_pid, signal.SIGKILL)
             time.sleep(30)  # the parent-death signal ends this writer; never reached otherwise
 
-    manager.set_fault_hook(kill_trainer)
+    faults.set_fault_hook(kill_trainer)
     return train_main(overrides)
 
 

@@ -1,0 +1,46 @@
+"""rexmoe-plan: bad input is one line naming the field (exit 2); a plan's JSON has every key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rexmoe_train.cli import plan as plan_cli
+
+REQUIRED_KEYS = {"verdict", "gpu", "world_size", "peak_bytes", "per_rank", "traffic_bytes_per_step",
+                 "step_time_s", "mfu", "suggestion", "assumptions"}
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--gpu", "a100"], "--gpu"),
+    (["--spec", "fast"], "--spec"),
+    (["parallel.expert_model_parallel_size=2", "--world-size", "3"], "--world-size=3"),
+    (["--world-size", "0"], "--world-size=0"),
+    (["model.hidden_size=-4"], "model.hidden_size"),
+    (["model=nonexistent"], "model"),
+    (["--headroom", "1.5"], "--headroom"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, field, capsys):
+    assert plan_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and err[0].startswith("rexmoe-plan:")
+
+
+def test_json_into_a_directory_is_refused(tmp_path, capsys):
+    assert plan_cli.main(["--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_json_has_every_key(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = plan_cli.main(["train.global_batch_size=4", "--gpu", "cpu", "--no-suggest", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert REQUIRED_KEYS <= set(result)
+    assert result["verdict"] == "fits" and result["suggestion"] is None and result["world_size"] == 1
+    assert {"ranks", "peak_bytes", "by_category"} <= set(result["per_rank"][0])
+    assert result["peak_bytes"] == max(r["peak_bytes"] for r in result["per_rank"])
+    printed = capsys.readouterr().out
+    assert "verdict: fits" in printed and "memory (MiB" in printed
