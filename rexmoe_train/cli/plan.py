@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
                    help="share of the usable memory that must stay free for 'fits' (e.g. 0.1)")
     p.add_argument("--no-suggest", action="store_true", help="skip the search for a change that fits")
     p.add_argument("--json", metavar="PATH", help="also write the plan as one JSON object here")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier rexmoe-plan --json output")
     return p
 
 
@@ -94,15 +95,18 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_json_path(path: str, overrides) -> None:
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"--json {path}: is a directory")
-    if target.suffix in (".yaml", ".yml") or any(path in o for o in overrides):
-        raise ValueError(f"--json {path}: would write over an input")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"--json {path}: no such directory {parent}")
+def _check_json_path(path: str, overrides, overwrite: bool) -> None:
+    """tools/outputs.py's guard, before any simulation: never an input (a path-valued override, the
+    config dir), a checkpoint or a run dir; an existing plan is replaced only with --overwrite."""
+    from rexmoe_train.tools import outputs
+
+    inputs = [value for o in overrides if "=" in o and Path(value := o.split("=", 1)[1]).exists()]
+    if os.environ.get("REXMOE_CONFIG_DIR"):
+        inputs.append(os.environ["REXMOE_CONFIG_DIR"])
+    try:
+        outputs.check_output_file(path, inputs, PROG, overwrite, flag="--json")
+    except outputs.OutputError as err:
+        raise ValueError(str(err)) from None
 
 
 def main(argv=None) -> int:
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.json:
-            _check_json_path(args.json, args.overrides)
+            _check_json_path(args.json, args.overrides, args.overwrite)
         if args.world_size is not None and args.world_size < 1:
             raise ValueError(f"--world-size={args.world_size}: must be >= 1")
         if not 0.0 <= args.headroom < 1.0:
@@ -141,9 +145,11 @@ def main(argv=None) -> int:
     result["overrides"] = list(args.overrides)
     print(table(result), flush=True)
     if args.json:
+        from rexmoe_train.tools import outputs
+
         tmp = f"{args.json}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+            json.dump(outputs.stamp(result, PROG), f, indent=1, default=str)
         os.replace(tmp, args.json)
         print(f"  -> {args.json}", flush=True)
     return ExitCode.OK

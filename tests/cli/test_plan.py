@@ -44,3 +44,18 @@ def test_plan_json_has_every_key(tmp_path, capsys):
     assert result["peak_bytes"] == max(r["peak_bytes"] for r in result["per_rank"])
     printed = capsys.readouterr().out
     assert "verdict: fits" in printed and "memory (MiB" in printed
+
+
+def test_json_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys):
+    """tools/outputs.py's guard, before any simulation (issue 31): an input named by an override, a
+    file rexmoe-plan did not write (even with --overwrite) -> one line, exit 2, the file unchanged."""
+    data = tmp_path / "blend.bin"
+    data.write_bytes(b"corpus")
+    assert plan_cli.main([f"data.blend=[{data}]", f"data.tokenizer={data}", "--json", str(data)]) == 2
+    assert "--json" in capsys.readouterr().err and data.read_bytes() == b"corpus"
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    assert plan_cli.main(["--json", str(foreign), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was not written by rexmoe-plan" in err[0]
+    assert foreign.read_text() == '{"mine": true}'
