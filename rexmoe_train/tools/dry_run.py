@@ -1,9 +1,10 @@
 """Dry run: validate a config and describe what it would build, without building it.
 
 Pure arithmetic on the typed config: parallel layout, pipeline stages and the reuse groups they hold,
-the expert placement map, parameter counts (total, active per token, router overhead) and a per-rank
-memory estimate for weights, gradients and Adam state. Nothing touches megatron or a process group,
-so it answers in a second for a 7B config on a laptop.
+the expert placement map, parameter counts (total, active per token, router overhead) and the per-rank
+weights, gradients and optimizer state by megatron's accounting (plan/theory.py). Activations and the
+peak per rank are rexmoe-plan's (it runs the real step on fake tensors): one source of truth for
+memory. Nothing touches megatron or a process group, so it answers in a second for a 7B config.
 """
 
 from __future__ import annotations
@@ -54,31 +55,6 @@ def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> dict[str, int]:
         "active_per_token": active,
         "embeddings": embeddings,
     }
-
-
-def memory_per_rank_bytes(cfg: ExperimentConfig, counts: dict[str, int], world_size: int,
-                          bf16: bool) -> dict[str, float]:
-    """Weights + grads + Adam (fp32 master, m, v) per rank, activations excluded."""
-    p = cfg.parallel
-    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
-    etp = p.expert_tensor_parallel_size
-    dp = world_size // (tp * pp)
-    expert_dp = world_size // (etp * ep * pp)
-    dense = (counts["total"] - counts["experts"]) / (tp * pp)
-    experts = counts["experts"] / (ep * etp * pp)
-    weight_bytes = 2 if bf16 else 4
-    # grads are reduced in fp32 (grad_reduce_in_fp32); Adam keeps fp32 master (bf16 only), m and v
-    state_bytes = (4 + 4) + (4 + 4 + (4 if bf16 else 0))
-    if p.use_distributed_optimizer:
-        optimizer = (dense / dp + experts / expert_dp) * (state_bytes - 4)
-        grads = (dense + experts) * 4
-    else:
-        optimizer = (dense + experts) * (state_bytes - 4)
-        grads = (dense + experts) * 4
-    weights = (dense + experts) * weight_bytes
-    gib = 1024 ** 3
-    return {"weights_gib": weights / gib, "grads_gib": grads / gib, "optimizer_gib": optimizer / gib,
-            "total_gib": (weights + grads + optimizer) / gib}
 
 
 def _layer_activations(cfg: ExperimentConfig, moe: bool) -> tuple[float, float]:
@@ -220,16 +196,15 @@ def describe(cfg: ExperimentConfig, vocab_size: int, world_size: Optional[int] =
                      f"reuse groups {held}")
     counts = parameter_counts(cfg, vocab_size)
     lines.append("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-    mem = memory_per_rank_bytes(cfg, counts, world, bf16)
-    lines.append("memory per rank (weights+grads+Adam, activations excluded): "
-                 + ", ".join(f"{k}={v:.2f}" for k, v in mem.items()))
-    act = activation_bytes(cfg, bf16, vocab_size)
-    lines.append(f"activations per rank (first stage, micro-batches in flight; recompute "
-                 f"{m.recompute_granularity or 'off'}): {act['activations_gib']:.3f} GiB, "
-                 f"recompute adds {act['recompute_extra_compute']:.1%} compute")
-    # one source of truth for memory: the planner runs the real step (fake tensors) and measures it;
-    # the lines above are arithmetic on the config, good for a quick look only
-    lines.append(f"memory: formula estimates; for the peak per rank as the training code allocates it "
+    # weights + grads + optimizer: megatron's accounting (plan/theory.py, checked byte for byte against a
+    # real step); activations and the peak come only from the planner, which runs the real step
+    from rexmoe_train.plan.theory import weights_and_optimizer_bytes
+
+    mem = weights_and_optimizer_bytes(cfg, world, vocab_size=vocab_size, bf16=bf16)
+    lines.append("memory per rank (weights+grads+optimizer, largest stage, activations excluded): "
+                 + ", ".join(f"{k}={v / 1024 ** 3:.2f} GiB" for k, v in mem["by_category"].items())
+                 + f", total={mem['bytes'] / 1024 ** 3:.2f} GiB")
+    lines.append(f"memory: for the peak per rank as the training code allocates it, activations included "
                  f"(memory, traffic, time, fits or not), run: rexmoe-plan {PLAN_HINT}")
     group = plan.groups[0]
     placement = ExpertPlacement(group.experts_per_layer, group.size, p.expert_model_parallel_size)
