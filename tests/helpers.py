@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 
 from rexmoe_train.config.schema import ExperimentConfig
 
@@ -107,3 +110,15 @@ def script_module(path, name: str):
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+def finish_session(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait for a process started with ``start_new_session=True``, then SIGKILL whatever of its
+    session is left (helpers of a killed trainer, a stuck agent): this test's processes only."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -20,7 +20,7 @@ import pytest
 
 from rexmoe_train.checkpoint import compatibility
 from rexmoe_train.checkpoint.errors import CheckpointError
-from tests.helpers import tiny_config
+from tests.helpers import finish_session, tiny_config
 from tests.training.test_checkpoint import REPO, TINY, losses
 
 # TINY with one sample per micro-batch: the global batch of 4 runs on DP 1, 2 or 4
@@ -41,16 +41,6 @@ def _torchrun(nproc: int, *overrides: str, log: Path) -> subprocess.Popen:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          "-m", "rexmoe_train.cli.train", *ELASTIC, *overrides],
         cwd=REPO, env=_env(), stdout=open(f"{log}.out", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: int = 300) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _rel_err(got: dict, ref: dict) -> float:
@@ -104,12 +94,12 @@ def test_distributed_optimizer_resumes_on_fewer_and_more_ranks(tmp_path):
     first = {"ref": _torchrun(2, *common, f"run.dir={tmp_path / 'ref'}", log=logs / "ref"),
              "grow": _torchrun(1, *common, "train.train_iters=2", f"run.dir={tmp_path / 'grow'}", log=logs / "grow")}
     for name, proc in first.items():
-        assert _finish(proc) == 0, (logs / f"{name}.out").read_text()[-3000:]
+        assert finish_session(proc) == 0, (logs / f"{name}.out").read_text()[-3000:]
     second = {"shrink": _torchrun(1, *common, f"checkpoint.load={tmp_path / 'ref' / 'checkpoints' / 'iter_0000002'}",
                                   f"run.dir={tmp_path / 'shrink'}", log=logs / "shrink2"),
               "grow": _torchrun(2, *common, f"run.dir={tmp_path / 'grow'}", log=logs / "grow2")}
     for name, proc in second.items():
-        assert _finish(proc) == 0, (logs / f"{name}2.out").read_text()[-3000:]
+        assert finish_session(proc) == 0, (logs / f"{name}2.out").read_text()[-3000:]
     ref = losses(tmp_path / "ref")
     notes = {"shrink": "data-parallel size 2 -> 1 (world 2 -> 1): global batch 4 unchanged, 2 -> 4 micro-batches",
              "grow": "data-parallel size 1 -> 2 (world 1 -> 2): global batch 4 unchanged, 4 -> 2 micro-batches"}
@@ -230,8 +220,8 @@ def test_slurm_job_loses_a_node_and_continues_with_dp2(tmp_path):
     saved_before_kill = int(pointer.read_text())
     assert saved_before_kill < steps, "the job finished before a node could be lost"
     os.killpg(int((state / "node1.pid").read_text()), signal.SIGKILL)  # node 1: its agent and trainers
-    rc = _finish(job, timeout=400)
-    assert _finish(ref) == 0, (tmp_path / "ref.out").read_text()[-3000:]
+    rc = finish_session(job, timeout=400)
+    assert finish_session(ref) == 0, (tmp_path / "ref.out").read_text()[-3000:]
     text = (tmp_path / "job.out").read_text()
     assert (state / "node0.rc").read_text().strip() == "0", text[-4000:]
     assert rc == 128 + signal.SIGKILL  # srun reports the lost node's task

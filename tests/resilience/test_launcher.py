@@ -15,6 +15,7 @@ import pytest
 
 from rexmoe_train.exit_codes import ExitCode
 from rexmoe_train.resilience import launcher
+from tests.helpers import finish_session
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreaper, process states")
 
@@ -90,16 +91,6 @@ def _launch(tmp_path, *overrides, restarts=2):
     return subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=out, stderr=err, start_new_session=True)
 
 
-def _finish(proc, timeout=300):
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.slow
 @linux
 def test_a_locked_run_dir_is_not_restarted_and_the_summary_is_the_error_line(tmp_path):
@@ -108,7 +99,7 @@ def test_a_locked_run_dir_is_not_restarted_and_the_summary_is_the_error_line(tmp
     lock = RunLock(str(tmp_path / "run"))
     lock.acquire()  # another run holds the run dir
     try:
-        code = _finish(_launch(tmp_path, "train.train_iters=2", restarts=3))
+        code = finish_session(_launch(tmp_path, "train.train_iters=2", restarts=3))
     finally:
         lock.release()
     err = (tmp_path / "err").read_text()
@@ -141,7 +132,7 @@ def test_sighup_to_the_launchers_group_saves_and_exits_129(tmp_path):
         time.sleep(0.1)
     assert proc.poll() is None, (tmp_path / "err").read_text()
     os.killpg(proc.pid, signal.SIGHUP)  # a closed terminal: the agent and every worker get it
-    code = _finish(proc, timeout=180)
+    code = finish_session(proc, timeout=180)
     err, out = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
     assert code == ExitCode.HANGUP == 129, err
     saved = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
