@@ -279,7 +279,6 @@ def cpu_step_check(overrides: list[str], steps: int = 5, simulated: bool = False
         op_class,
         op_time_s,
     )
-    from rexmoe_train.tools.dry_run import padded_vocab
     from rexmoe_train.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -309,7 +308,7 @@ def cpu_step_check(overrides: list[str], steps: int = 5, simulated: bool = False
         hbm_bytes_per_s=rates["copy_bytes_per_s"])
     cpu_now = dataclasses.replace(cpu_now, peak_bf16_flops=cpu_now.peak_fp32_flops)
     layout = Layout.from_experiment(cfg, 1)
-    flops = model_flops_per_step(cfg, padded_vocab(cfg, trainer.vocab_size))
+    flops = model_flops_per_step(cfg, cfg.padded_vocab_size(trainer.vocab_size))
     trace = [RankTrace(ranks=[0], ops=ops)]
     est = estimate_step_time(trace, layout, get_gpu("cpu"), "fp32", model_flops=flops)
     est_now = estimate_step_time(trace, layout, cpu_now, "fp32", model_flops=flops)

@@ -143,6 +143,12 @@ class ExperimentConfig:
             _fail("rexmoe.kernels", r.kernels, "needs triton (pip install triton); use auto or torch")
         return self
 
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """The embedding / output rows megatron allocates: the vocabulary rounded up to a multiple of
+        model.make_vocab_size_divisible_by x tensor-parallel size."""
+        multiple = self.model.make_vocab_size_divisible_by * self.parallel.tensor_model_parallel_size
+        return -(-vocab_size // multiple) * multiple
+
     def validate_layout(self, world_size: int) -> None:
         p, t = self.parallel, self.train
         model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size

@@ -67,9 +67,7 @@ def check_inputs(overrides: Sequence[str], options: PlanOptions) -> tuple[Experi
 def padded_vocab(cfg: ExperimentConfig) -> int:
     from rexmoe_train.plan.simulate import BYTE_VOCAB
 
-    vocab = cfg.model.vocab_size or BYTE_VOCAB
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-    return -(-vocab // multiple) * multiple
+    return cfg.padded_vocab_size(cfg.model.vocab_size or BYTE_VOCAB)
 
 
 def make_plan(overrides: Sequence[str], options: PlanOptions, runner: Optional[Callable] = None,

@@ -31,7 +31,6 @@ from rexmoe_train.core.reuse import pipeline_chunks
 def parameter_classes(cfg: ExperimentConfig, vocab_size: int) -> list[dict[str, int]]:
     """Unsharded parameter counts by class for each pipeline stage:
     [{"tp_sharded", "replicated", "expert_sharded"}, ...] (all model chunks of a stage summed)."""
-    from rexmoe_train.tools.dry_run import padded_vocab  # here: the dry run may come to import this module
     m, p = cfg.model, cfg.parallel
     h, heads, d = m.hidden_size, m.num_attention_heads, m.head_dim
     groups = m.num_query_groups or heads
@@ -40,7 +39,7 @@ def parameter_classes(cfg: ExperimentConfig, vocab_size: int) -> list[dict[str, 
     dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)  # SwiGLU: gate + up, then down
     shared = 3 * h * (m.moe_shared_expert_intermediate_size or 0)
     expert = 3 * h * m.expert_ffn_stored_size(cfg.train.fp8)
-    embedding = padded_vocab(cfg, vocab_size) * h
+    embedding = cfg.padded_vocab_size(vocab_size) * h
     plan = cfg.reuse_plan()
     pp = p.pipeline_model_parallel_size
     stages = [{"tp_sharded": 0, "replicated": 0, "expert_sharded": 0} for _ in range(pp)]

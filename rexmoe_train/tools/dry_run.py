@@ -19,11 +19,6 @@ from rexmoe_train.core.reuse import pipeline_chunks
 PLAN_HINT = "<the same overrides> [--gpu h100-sxm] [--spec te|local]"
 
 
-def padded_vocab(cfg: ExperimentConfig, vocab_size: int) -> int:
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-    return math.ceil(vocab_size / multiple) * multiple
-
-
 def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> dict[str, int]:
     """Counts for the local-spec model this project builds (SwiGLU MLPs, RMSNorm, no biases)."""
     m, plan = cfg.model, cfg.reuse_plan()
@@ -38,7 +33,7 @@ def parameter_counts(cfg: ExperimentConfig, vocab_size: int) -> dict[str, int]:
     dense_mlp = swiglu(m.ffn_hidden_size or 4 * h)
     expert = swiglu(m.moe_ffn_hidden_size)
     shared = swiglu(m.moe_shared_expert_intermediate_size) if m.moe_shared_expert_intermediate_size else 0
-    vocab = padded_vocab(cfg, vocab_size)
+    vocab = cfg.padded_vocab_size(vocab_size)
     embeddings = vocab * h * (2 if m.untie_embeddings_and_output_weights else 1)
     routers = sum(g.num_candidates * h * g.size for g in plan.groups)
     experts = plan.num_moe_layers * m.num_moe_experts * expert
@@ -132,7 +127,7 @@ def activation_bytes(cfg: ExperimentConfig, bf16: bool, vocab_size: int) -> dict
             flops_fraction = _selective_flops_fraction(cfg, mods, vocab_size)
     logits = 0.0
     if pp == 1:  # the LM head's fp32 logits (vocab-parallel over tp); on the last stage otherwise
-        logits = cfg.train.micro_batch_size * cfg.train.seq_length * 4 * padded_vocab(cfg, vocab_size) / tp
+        logits = cfg.train.micro_batch_size * cfg.train.seq_length * 4 * cfg.padded_vocab_size(vocab_size) / tp
     saved_bytes = tokens * saved * pp + logits  # 1F1B: the first stage holds pp micro-batches
     gib = 1024 ** 3
     # peak: everything saved, plus one recomputed chunk's activations while it is replayed
@@ -145,7 +140,7 @@ def _selective_flops_fraction(cfg: ExperimentConfig, mods: set, vocab_size: int)
     from rexmoe_train.core.flops import flops_per_token, shape_from_experiment
 
     m, seq = cfg.model, cfg.train.seq_length
-    f = flops_per_token(shape_from_experiment(cfg, padded_vocab(cfg, vocab_size)),
+    f = flops_per_token(shape_from_experiment(cfg, cfg.padded_vocab_size(vocab_size)),
                         cfg.rexmoe.reuse_group_size, seq)
     extra = 0.0
     if "moe" in mods:  # router + routed and shared experts of every MoE layer
