@@ -10,7 +10,10 @@ started with the same overrides every time (so `rexmoe-train` resumes from the r
 checkpoint, bitwise), stopped with SIGTERM when its slice is spent (the trainer saves at the next
 step boundary and exits 75), and the next run is started. One training process at a time, with
 OMP_NUM_THREADS=1; run the script under `nice -n 19`. SIGTERM / Ctrl-C to the script stops the
-current training the same way (nothing lost) and ends the invocation.
+current training the same way (nothing lost) and ends the invocation. Two invocations may run side
+by side on disjoint seeds (`--seeds 42` and `--seeds 43`, each niced): a run is trained by one
+invocation at a time (a lock per run under locks/), and progress.json / manifest.json are updated
+under one lock, re-read first, so neither invocation loses the other's slices.
 
 Writes to --out: data/ (the frozen corpus, recipes/scaling/corpus.py; built on the first call),
 <setting>-s<seed>/ (run dirs), progress.json (per run: steps done, CPU and wall seconds spent,
@@ -23,7 +26,9 @@ of the rule written there, or says the runs are partial. Bad input: one line, ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import resource
@@ -101,6 +106,18 @@ def finished(run_dir: Path, steps: int) -> bool:
     return last_step(run_dir) >= steps
 
 
+def background(pid: int) -> None:
+    """Give the training's session the lowest CPU share. On a kernel with autogroup scheduling
+    (/proc/sys/kernel/sched_autogroup_enabled) a new session is a new scheduling group whose own
+    nice is 0: the process's nice 19 then ranks it only against its own session, and the training
+    takes an equal share of the cores from a test suite started in another terminal."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write("19")
+    except OSError:  # no autogroup (or not allowed): plain nice is all there is
+        pass
+
+
 def load_progress(out: Path) -> dict:
     path = out / "progress.json"
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
@@ -112,6 +129,40 @@ def save_progress(out: Path, progress: dict) -> None:
     tmp = out / "progress.json.tmp"
     tmp.write_text(json.dumps(progress, indent=2) + "\n")
     os.replace(tmp, out / "progress.json")
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, wait: bool = True):
+    """An exclusive flock on PATH for the with-block; yields False (and holds nothing) when WAIT is
+    false and another invocation holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def record_slice(out: Path, name: str, fields: dict, result: dict, seeds: list[int], steps: int) -> dict:
+    """Add one slice to progress.json and manifest.json: re-read under the lock, so an invocation
+    running beside this one on other seeds keeps its own entries."""
+    with locked(out / "locks" / "progress.lock"):
+        progress = load_progress(out)
+        all_seeds = sorted(set(progress.get("seeds", [])) | set(seeds))
+        progress.update(steps=steps, seeds=all_seeds)
+        entry = progress["runs"].setdefault(name, {**fields, "cpu_s": 0.0, "wall_s": 0.0, "slices": 0})
+        entry.update(step=fields["step"], target=steps, last_exit=result["exit"], finished=fields["finished"])
+        entry["cpu_s"] = round(entry["cpu_s"] + result["cpu_s"], 1)
+        entry["wall_s"] = round(entry["wall_s"] + result["wall_s"], 1)
+        entry["slices"] += 1
+        save_progress(out, progress)
+        write_manifest(out, all_seeds, steps)
+        return progress
 
 
 def write_manifest(out: Path, seeds: list[int], steps: int) -> Path:
@@ -156,6 +207,7 @@ def advance(cmd: list[str], run_dir: Path, seconds: float, stop: Stop, grace: fl
         # its own session: a Ctrl-C at the terminal reaches the recipe only, which stops it cleanly
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        background(proc.pid)
         sent = None
         while proc.poll() is None:
             now = time.monotonic()
@@ -207,9 +259,12 @@ def train_all(args) -> int:
         data = corpus.ensure(args.data or args.out / "data", REPO / ".venv" / "lib" / "python3.11" / "site-packages")
     except (FileNotFoundError, RuntimeError) as err:
         raise RecipeError(str(err)) from None
-    write_manifest(args.out, args.seeds, args.steps)
-    progress = load_progress(args.out)
-    progress.update({"steps": args.steps, "seeds": args.seeds, "corpus_sha256": data["corpus_sha256"]})
+    with locked(args.out / "locks" / "progress.lock"):
+        progress = load_progress(args.out)
+        all_seeds = sorted(set(progress.get("seeds", [])) | set(args.seeds))
+        progress.update({"steps": args.steps, "seeds": all_seeds, "corpus_sha256": data["corpus_sha256"]})
+        save_progress(args.out, progress)
+        write_manifest(args.out, all_seeds, args.steps)
     stop = Stop()
     end = time.monotonic() + deadline_from(args)
     todo = [(s, seed) for seed in args.seeds for s in SETTINGS if not args.only or s.name in args.only
@@ -224,19 +279,18 @@ def train_all(args) -> int:
             break
         name = run_name(setting, seed)
         run_dir = args.out / name
-        cmd = train_command(setting, seed, args, data)
-        print(f"[scaling] {name}: from step {last_step(run_dir)}, slice {slice_s / 60:.1f} min", flush=True)
-        tree = tree_state()
-        result = advance(cmd, run_dir, slice_s, stop, args.grace_minutes * 60)
-        step = last_step(run_dir)
-        entry = progress["runs"].setdefault(name, {"setting": setting.name, "seed": seed, "dir": str(run_dir),
-                                                   "cpu_s": 0.0, "wall_s": 0.0, "slices": 0})
-        entry.update(step=step, target=args.steps, last_exit=result["exit"], finished=finished(run_dir, args.steps))
-        entry["cpu_s"] = round(entry["cpu_s"] + result["cpu_s"], 1)
-        entry["wall_s"] = round(entry["wall_s"] + result["wall_s"], 1)
-        entry["slices"] += 1
-        save_progress(args.out, progress)
-        write_manifest(args.out, args.seeds, args.steps)
+        with locked(args.out / "locks" / f"{name}.lock", wait=False) as mine:
+            if not mine:
+                print(f"[scaling] {name}: another invocation is training it; skipped", flush=True)
+                continue
+            cmd = train_command(setting, seed, args, data)
+            print(f"[scaling] {name}: from step {last_step(run_dir)}, slice {slice_s / 60:.1f} min", flush=True)
+            tree = tree_state()
+            result = advance(cmd, run_dir, slice_s, stop, args.grace_minutes * 60)
+            step = last_step(run_dir)
+        fields = {"setting": setting.name, "seed": seed, "dir": str(run_dir), "step": step,
+                  "finished": finished(run_dir, args.steps)}
+        progress = record_slice(args.out, name, fields, result, args.seeds, args.steps)
         with open(args.out / "progress.jsonl", "a") as f:
             f.write(json.dumps({"run": name, "time": progress["updated"], "step": step, "tree": tree, **result}) + "\n")
         print(f"[scaling] {name}: step {step}/{args.steps}, exit {result['exit']}, "

@@ -26,6 +26,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -104,6 +105,12 @@ def _replace(owner: Any, name: str, value: Any) -> None:
     _PATCHED.append(label)
 
 
+def _eager_compile(model: Any = None, **_options: Any) -> Any:
+    """torch.compile's signature, eager: the function itself (or, as a bare decorator factory, a
+    decorator returning it)."""
+    return model if model is not None else (lambda fn: fn)
+
+
 def install() -> None:
     """Install the layer (idempotent). With CUDA: check the version, select the local GPU and fix
     megatron's device-independent defects; nothing of torch.cuda is replaced."""
@@ -133,10 +140,13 @@ def install() -> None:
     logging.getLogger("torch.utils.cpp_extension").addFilter(
         lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
     # megatron.core.jit.jit_fuser is torch.compile: on CPU the first call of each fused helper spends
-    # ~15 s compiling C++ with inductor. Eager gives the same numbers.
-    import torch._dynamo as dynamo
-
-    dynamo.config.disable = True
+    # ~15 s compiling C++ with inductor. Eager gives the same numbers. torch.compile is replaced by an
+    # eager pass-through (megatron binds it at import, hence before the first megatron import) rather
+    # than switched off in dynamo's config: importing torch._dynamo (sympy, networkx, triton's front
+    # end) costs ~2 s of CPU in every process, about half of megatron-core's import.
+    _replace(torch, "compile", _eager_compile)
+    if "torch._dynamo" in sys.modules:  # imported already (e.g. by the planner's fake tensors)
+        sys.modules["torch._dynamo"].config.disable = True
     _patch_torch_cuda_namespace()
     _patch_device_literals()
     _patch_tensor_type_strings()

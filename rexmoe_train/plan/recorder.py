@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -29,6 +30,7 @@ GROUP_GETTERS = (
 )
 
 _C10D = "c10d"
+_PRIM_DEVICE = torch.ops.prim.device.default
 _NO_TRAFFIC = {"barrier", "monitored_barrier"}
 
 
@@ -77,6 +79,12 @@ class StepRecorder(TorchDispatchMode):
         self.collectives: dict[str, list[CollectiveRecord]] = {"microbatch": [], "step": []}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _PRIM_DEVICE and isinstance(args[0], FakeTensor):
+            # C++ asks a fake tensor for its device on nearly every op: three in four dispatches of a
+            # step are this query. Answered here as FakeTensor's own handler answers it (its
+            # ``device`` property), so it does not travel through MemTracker and the other modes
+            # below, which record nothing for it: the simulation runs about twice as fast.
+            return args[0].device
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func.namespace == _C10D:

@@ -23,6 +23,7 @@ FACTORIES = ["tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", 
 # What the layer replaces with CUDA too (megatron defects that are not about the CPU).
 EXPECTED_ANY_DEVICE_TARGETS = ["megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__"]
 EXPECTED_CPU_TARGETS = [
+    "torch.compile",
     *(f"torch.cuda.{name}" for name in (
         "current_device", "set_device", "device_count", "synchronize", "empty_cache", "Stream",
         "ExternalStream", "Event", "current_stream", "default_stream", "stream", "set_stream",
@@ -53,6 +54,22 @@ def test_every_patched_target_is_listed():
     assert compat.patched_targets() == EXPECTED_CPU_TARGETS
     compat.install()
     assert compat.patched_targets() == EXPECTED_CPU_TARGETS  # idempotent: nothing patched twice
+
+
+@pytest.mark.skipif(platform.HAS_CUDA, reason="with CUDA torch.compile is left alone")
+def test_megatron_fusions_are_eager():
+    """torch.compile is eager on CPU: megatron's jit_fuser helpers are the plain functions (no
+    inductor build on first call, no torch._dynamo import for them) and compute the same values."""
+    import torch
+    from megatron.core import jit
+    from megatron.core.fusions import fused_bias_swiglu
+
+    compat.install()
+    assert jit.jit_fuser(len) is len
+    assert isinstance(fused_bias_swiglu.bias_swiglu, types.FunctionType)
+    x = torch.randn(4, 6)
+    a, b = x.chunk(2, -1)
+    assert torch.equal(fused_bias_swiglu.bias_swiglu(x, torch.zeros(6)), torch.nn.functional.silu(a) * b)
 
 
 def test_a_missing_target_is_refused_not_created():

@@ -45,6 +45,10 @@ def test_target_precision():
     assert for_target(_cfg(), "h100-sxm").train.bf16 is True
     assert for_target(_cfg(), "cpu").train.bf16 is False
     assert for_target(_cfg("train.bf16=false"), "h100-sxm").train.bf16 is False
+    # the expert bank as the target picks it: grouped on a GPU, the loop on a CPU, an explicit choice kept
+    assert for_target(_cfg(), "h100-sxm").model.resolved_moe_grouped_gemm() is True
+    assert for_target(_cfg(), "cpu").model.resolved_moe_grouped_gemm() is False
+    assert for_target(_cfg("model.moe_grouped_gemm=false"), "h200").model.resolved_moe_grouped_gemm() is False
 
 
 def test_verdict_margin_and_headroom():

@@ -133,3 +133,29 @@ def test_report_is_partial_and_explain_averages_the_window(tmp_path):
     # step 250's window (150, 250]: the records of steps 160, 200, 250 (k = 0, 1, 2); 260 is later
     row = next(line for line in explained.splitlines() if line.startswith("| 250 |"))
     assert row == "| 250 | 32 | 0.30 / 0.20 | 1.00 / 2.00 | 0.900 / 0.810 | 0.000 / 0.100 |"
+
+
+def test_two_invocations_on_other_seeds_keep_each_others_progress(tmp_path):
+    """Slices recorded by two invocations (--seeds 42 and --seeds 43) in turn: each re-reads
+    progress.json under the lock, so neither overwrites the other's entries, CPU time adds up, and
+    the manifest lists every started run of both."""
+    recipe = _recipe()
+    for name in ("vanilla-s42", "vanilla-s43"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    result = {"exit": 75, "cpu_s": 60.0, "wall_s": 61.0}
+    for name, seed in (("vanilla-s42", 42), ("vanilla-s43", 43), ("vanilla-s42", 42)):
+        fields = {"setting": "vanilla", "seed": seed, "dir": str(tmp_path / name), "step": 10, "finished": False}
+        recipe.record_slice(tmp_path, name, fields, result, [seed], 3000)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["seeds"] == [42, 43]
+    assert progress["runs"]["vanilla-s42"]["slices"] == 2 and progress["runs"]["vanilla-s42"]["cpu_s"] == 120.0
+    assert progress["runs"]["vanilla-s43"]["slices"] == 1 and progress["cpu_s_total"] == 180.0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"]["vanilla"] == [str(tmp_path / "vanilla-s42"), str(tmp_path / "vanilla-s43")]
+    with recipe.locked(tmp_path / "locks" / "vanilla-s42.lock", wait=False) as mine:
+        assert mine
+        with recipe.locked(tmp_path / "locks" / "vanilla-s42.lock", wait=False) as again:
+            assert not again  # a second open file (as a second invocation holds) is refused: skip the run
+    with recipe.locked(tmp_path / "locks" / "vanilla-s42.lock", wait=False) as mine:
+        assert mine  # released when the first was done
