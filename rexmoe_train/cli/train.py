@@ -58,6 +58,29 @@ def _fail(message: str, code: int = ExitCode.USAGE) -> None:
     sys.exit(code)
 
 
+def local_attention_memory_warning(experiment: ExperimentConfig, overrides: Sequence[str],
+                                   device_bytes: Optional[int] = None) -> Optional[str]:
+    """The one-line start-up warning of a GPU without Transformer Engine whose step cannot fit
+    (plan/theory.py local_attention_warning); None on a CPU, with TE, or when it may fit.
+    ``device_bytes``: the GPU's memory (default: asked of CUDA)."""
+    from rexmoe_train import platform
+    from rexmoe_train.plan.theory import local_attention_warning
+
+    if experiment.model.resolved_transformer_impl() != "local":
+        return None
+    if device_bytes is None:
+        if not platform.HAS_CUDA:
+            return None  # the CPU path: no allocator to run out of, and no GPU to rent
+        import torch
+
+        device_bytes = torch.cuda.get_device_properties(platform.device()).total_memory
+    try:
+        return local_attention_warning(experiment, int(os.environ.get("WORLD_SIZE", "1")), device_bytes,
+                                       " ".join(overrides) or "<your overrides>")
+    except ConfigError:  # a layout this world cannot hold: the Trainer refuses it in one line
+        return None
+
+
 def dry_run(experiment: ExperimentConfig) -> int:
     """Describe the run without building it: no process group, no megatron, no data read."""
     from rexmoe_train.tools.dry_run import describe
@@ -201,6 +224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from rexmoe_train import compat
 
     compat.install()  # the megatron-core CPU layer, before the first megatron import
+    warning = local_attention_memory_warning(experiment, overrides) if _is_rank0() else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     from rexmoe_train.training import guard
 
     # torch.distributed.checkpoint's own deprecation warnings (ShardedTensor) on every save and load;

@@ -4,20 +4,34 @@ and the timeouts and watchdog budgets that keep it alive."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from rexmoe_train.config.fields import WANDB_MODES, _at_least, _fail, _one_of, _positive
 from rexmoe_train.core.errors import ConfigError
 
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's own spellings of WANDB_MODE
+
+
+def default_wandb_mode() -> str:
+    """$WANDB_MODE when set (wandb's own variable, the usual switch on a cluster or in a test suite;
+    its aliases dryrun and run accepted), else offline. An explicit run.wandb.mode wins over it."""
+    value = os.environ.get("WANDB_MODE", "").strip().lower()
+    return _WANDB_ALIASES.get(value, value) or "offline"
+
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online only when asked: no account, key or network needed by default
+    # online only when asked: no account, key or network needed by default
+    mode: str = field(default_factory=default_wandb_mode)
     project: str = "rexmoe"
     name: Optional[str] = None
 
     def validate(self, path: str = "run.wandb") -> None:
+        if self.mode not in WANDB_MODES and os.environ.get("WANDB_MODE") and self.mode == default_wandb_mode():
+            raise ConfigError(f"config error: WANDB_MODE={os.environ['WANDB_MODE']!r} (the default of "
+                              f"{path}.mode): must be one of {', '.join(WANDB_MODES)} (or wandb's dryrun, run)")
         _one_of(f"{path}.mode", self.mode, WANDB_MODES)
 
 

@@ -111,3 +111,58 @@ def weights_and_optimizer_bytes(experiment_config: ExperimentConfig, world_size:
             "bytes_per_param": {"dense": bytes_per_parameter(bf16, dist, dp),
                                 "expert": bytes_per_parameter(bf16, dist, edp)},
             "bf16": bf16, "dp": dp, "edp": edp}
+
+
+# -------------------------------------------------------------------------------------------------
+# A start-up check for GPUs without Transformer Engine. There megatron's local DotProductAttention runs
+# (--spec local in the planner) and keeps the [micro-batch, heads, seq, seq] softmax output of every
+# layer for backward, which alone takes most of the packaged paper recipes past 80 GB (docs/planning.md,
+# local rows). The planner measures it in minutes; this lower bound costs nothing at start-up.
+def kept_attention_score_layers(cfg: ExperimentConfig, stage_layers: int) -> int:
+    """Layers of one stage whose attention scores stay alive until backward (at least one: full
+    recompute still holds the layer being recomputed)."""
+    m = cfg.model
+    if m.recompute_granularity == "full":
+        if m.recompute_method == "block":
+            return max(1, stage_layers - min(stage_layers, m.recompute_num_layers or 0))
+        return 1
+    if m.recompute_granularity == "selective" and (m.recompute_modules is None or "core_attn" in m.recompute_modules):
+        return 1  # megatron's selective default recomputes core attention
+    return stage_layers
+
+
+def local_attention_lower_bound(cfg: ExperimentConfig, world_size: int) -> dict:
+    """A lower bound on one rank's memory under the local layer spec: weights + gradients + optimizer
+    state (megatron's accounting above; 0 when model.vocab_size is left to the tokenizer) plus one
+    micro-batch's kept attention scores on the largest stage. Per score element and kept layer: bf16
+    training keeps the fp32 softmax output (megatron's attention_softmax_in_fp32, on by default) for
+    the softmax backward and its bf16 cast for the probs @ V backward, 4 + 2 bytes; fp32 training
+    keeps the one fp32 tensor, 4 bytes. The planner's measured local rows agree (rexmoe_2.3b: 188 GiB
+    of extra activations over the TE spec for 192 GiB counted here); the MLPs' activations,
+    temporaries and the dropout mask (attention_dropout is 0) are left out."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    bf16 = t.bf16 if t.bf16 is not None else True
+    stage_layers = max(count for _, _, count in pipeline_chunks(
+        m.num_layers, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+        p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage))
+    heads = m.num_attention_heads // p.tensor_model_parallel_size
+    per_layer = t.micro_batch_size * heads * t.seq_length * t.seq_length * (4 + 2 if bf16 else 4)
+    scores = kept_attention_score_layers(cfg, stage_layers) * per_layer
+    weights = (weights_and_optimizer_bytes(cfg, world_size, bf16=bf16)["bytes"]
+               if m.vocab_size is not None else 0)
+    return {"scores_bytes": scores, "weights_bytes": weights, "bytes": scores + weights}
+
+
+def local_attention_warning(cfg: ExperimentConfig, world_size: int, device_bytes: int,
+                            overrides: str = "<your overrides>") -> Optional[str]:
+    """One line when the lower bound alone exceeds the device's memory, else None."""
+    bound = local_attention_lower_bound(cfg, world_size)
+    if bound["bytes"] <= device_bytes:
+        return None
+    gib = 1024 ** 3
+    return (f"[memory] warning: no Transformer Engine here, so megatron's local attention keeps every layer's "
+            f"[micro-batch, heads, seq, seq] scores for backward: at least {bound['scores_bytes'] / gib:.1f} GiB "
+            f"of them plus {bound['weights_bytes'] / gib:.1f} GiB of weights, gradients and optimizer state "
+            f"per rank, over this GPU's {device_bytes / gib:.1f} GiB, so the first step will run out of "
+            f"memory; `rexmoe-plan {overrides} --spec local` finds the smallest change that fits "
+            f"(docs/planning.md), or install Transformer Engine (docker/)")

@@ -13,8 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*overrides: str, timeout: int = 300, user_env: bool = False) -> subprocess.CompletedProcess:
+    """``user_env``: without the suite's WANDB_MODE=disabled (tests/conftest.py), as a user's shell."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
+    if user_env:
+        env.pop("WANDB_MODE", None)
     return subprocess.run([sys.executable, "-m", "rexmoe_train.cli.train", *overrides], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -104,7 +107,7 @@ def test_default_run_short_override_loss_falls(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train.train_iters=40", "train.eval_interval=20", "train.lr_warmup_iters=5",
                    "rexmoe.psr.schedule=linear", "rexmoe.psr.start_step=10", "rexmoe.psr.end_step=30", "run.progress=false",
-                   f"run.dir={run_dir}")
+                   f"run.dir={run_dir}", user_env=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -189,3 +192,20 @@ def test_paper_literal_preset_trains(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["psr_candidates"] for r in records if "loss" in r] == [8, 8, 16, 24, 32, 32]
     assert any("val_loss" in r and r["step"] == 6 for r in records)
+
+
+def test_local_attention_warning_at_start_up_is_one_line_on_a_te_less_gpu(monkeypatch):
+    """What rank 0 prints before building the model on a GPU without Transformer Engine (the GPU's
+    memory given: this machine has none); nothing on the CPU path."""
+    from rexmoe_train.cli.train import local_attention_memory_warning
+    from rexmoe_train.config.compose import compose_experiment
+
+    monkeypatch.setenv("WORLD_SIZE", "8")  # as torchrun sets it for the packaged ep 8 layout
+
+    argv = ["model=rexmoe_2.3b"]
+    experiment = compose_experiment(argv).experiment.validate()
+    line = local_attention_memory_warning(experiment, argv, device_bytes=80 * 10 ** 9)
+    assert line.startswith("[memory] warning:") and "rexmoe-plan model=rexmoe_2.3b --spec local" in line
+    assert local_attention_memory_warning(experiment, argv) is None  # no CUDA here: the CPU path
+    small = compose_experiment(["model=rexmoe_18.7b_se"]).experiment.validate()
+    assert local_attention_memory_warning(small, [], device_bytes=80 * 10 ** 9) is None

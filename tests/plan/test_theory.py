@@ -124,3 +124,59 @@ def test_bad_layout_and_missing_vocab_fail_in_one_line():
     cfg = tiny_config()
     with pytest.raises(ValueError, match="vocab_size"):
         weights_and_optimizer_bytes(cfg, 1)
+
+
+def _paper(model: str, *overrides: str) -> ExperimentConfig:
+    from rexmoe_train.config.compose import compose_experiment
+
+    return compose_experiment([f"model={model}", *overrides]).experiment
+
+
+def test_local_attention_lower_bound_counts_one_score_copy_per_kept_layer():
+    from rexmoe_train.plan.theory import local_attention_lower_bound
+
+    cfg = _paper("rexmoe_2.3b")
+    m, t = cfg.model, cfg.train
+    bound = local_attention_lower_bound(cfg, 8)
+    per_layer = t.micro_batch_size * m.num_attention_heads * t.seq_length ** 2 * (4 + 2)  # fp32 softmax + bf16 probs
+    assert bound["scores_bytes"] == m.num_layers * per_layer
+    assert bound["weights_bytes"] == weights_and_optimizer_bytes(cfg, 8, bf16=True)["bytes"]
+    full = _paper("rexmoe_2.3b", "model.recompute_granularity=full", "model.recompute_method=uniform",
+                  "model.recompute_num_layers=1")
+    assert local_attention_lower_bound(full, 8)["scores_bytes"] == per_layer  # the layer being recomputed
+    block = _paper("rexmoe_2.3b", "model.recompute_granularity=full", "model.recompute_method=block",
+                   "model.recompute_num_layers=5")
+    assert local_attention_lower_bound(block, 8)["scores_bytes"] == (m.num_layers - 5) * per_layer
+    tp2 = _paper("rexmoe_2.3b", "parallel.tensor_model_parallel_size=2")
+    assert local_attention_lower_bound(tp2, 16)["scores_bytes"] == m.num_layers * per_layer // 2
+
+
+def test_local_attention_warning_only_when_the_bound_is_over_the_gpu():
+    from rexmoe_train.plan.theory import local_attention_warning
+
+    h100 = 80 * 10 ** 9
+    line = local_attention_warning(_paper("rexmoe_2.3b"), 8, h100, "model=rexmoe_2.3b")
+    assert line.startswith("[memory] warning: no Transformer Engine") and "\n" not in line
+    assert "`rexmoe-plan model=rexmoe_2.3b --spec local`" in line and "74.5 GiB" in line
+    # the planner's local rows (docs/planning.md): only the 18.7B, with full recompute, fits without TE
+    assert local_attention_warning(_paper("rexmoe_18.7b_se"), 8, h100) is None
+    assert local_attention_warning(_paper("rexmoe_0.5b"), 8, h100) is not None
+    assert local_attention_warning(_paper("rexmoe_7b_se"), 8, h100) is not None  # measured: 107 GiB
+
+
+@pytest.mark.slow
+def test_local_attention_bound_is_below_the_planners_measured_peak():
+    """A lower bound: below what the planner measures for the same config on the local spec (a
+    small model at a long sequence, so the scores dominate as they do in the paper recipes)."""
+    from rexmoe_train.plan.planner import PlanOptions
+    from rexmoe_train.plan.search import make_plan
+    from rexmoe_train.plan.theory import local_attention_lower_bound
+
+    overrides = ["train.seq_length=1024", "train.micro_batch_size=2", "train.global_batch_size=2",
+                 "model.vocab_size=512", "train.bf16=true"]
+    plan = make_plan(overrides, PlanOptions(gpu="h100-sxm", spec="local", hot_factor=1.0, suggest=False))
+    bound = local_attention_lower_bound(_paper("tiny", *overrides), plan["world_size"])
+    measured = plan["per_rank"][0]
+    assert bound["bytes"] <= plan["peak_bytes"], (bound, plan["peak_bytes"])
+    assert bound["scores_bytes"] <= measured["by_category"]["activations"]
+    assert bound["scores_bytes"] >= 0.5 * measured["by_category"]["activations"]  # and not a vacuous one

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from rexmoe_train.core.flops import flops_per_token, shape_from_experiment
 from tests.helpers import tiny_config
 
@@ -41,10 +43,11 @@ def test_collapse_alarm_needs_consecutive_intervals():
     assert len(messages) == 2 and "group 1: 80%" in messages[0]
 
 
-def test_wandb_offline_by_default_and_no_key_written(tmp_path, megatron_world):
+def test_wandb_offline_by_default_and_no_key_written(tmp_path, megatron_world, monkeypatch):
     from rexmoe_train.config.schema import ExperimentConfig
     from rexmoe_train.training.run_logger import RunLogger
 
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite's own setting (tests/conftest.py)
     assert ExperimentConfig().run.wandb.mode == "offline"
     cfg = ExperimentConfig()
     logger = RunLogger(str(tmp_path / "run"), enabled=True, total_steps=2, progress=False,
@@ -56,3 +59,21 @@ def test_wandb_offline_by_default_and_no_key_written(tmp_path, megatron_world):
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert b"api_key" not in path.read_bytes().lower(), path
+
+
+def test_wandb_mode_defaults_to_the_wandb_mode_variable(monkeypatch):
+    """WANDB_MODE (wandb's own variable, with its aliases) is the default; an explicit run.wandb.mode
+    wins; a value wandb does not know is one line naming the variable."""
+    from rexmoe_train.config.compose import compose_experiment
+    from rexmoe_train.config.schema import ConfigError
+
+    for value, mode in (("disabled", "disabled"), ("online", "online"), ("dryrun", "offline"), ("run", "online"),
+                        ("", "offline")):
+        monkeypatch.setenv("WANDB_MODE", value)
+        assert compose_experiment([]).experiment.run.wandb.mode == mode, value
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_experiment(["run.wandb.mode=offline"]).experiment.run.wandb.mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "cloud")
+    with pytest.raises(ConfigError, match=r"^config error: WANDB_MODE='cloud' \(the default of run.wandb.mode\): "
+                                          r"must be one of disabled, offline, online"):
+        compose_experiment([]).experiment.validate()
