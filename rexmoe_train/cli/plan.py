@@ -61,6 +61,13 @@ def table(result: dict) -> str:
         cats = row["by_category"]
         lines.append(f"  {span:<12}{row['load']:<12}{row['psr_stage']:<5}{_gib(row['peak_bytes']):>9}"
                      + "".join(f"{_gib(cats.get(c, 0)):>10}" for c in categories))
+    worst = max(result["per_rank"], key=lambda row: row["peak_bytes"])
+    by_module = list(worst.get("activations_by_module", {}).items())
+    if by_module:  # where the largest case's activations go, summed over layers
+        shown = ", ".join(f"{name} {_gib(size)}" for name, size in by_module[:6])
+        rest = sum(size for _, size in by_module[6:])
+        lines.append(f"activations at the peak by module ({_UNIT[1]}; {worst['load']} {worst['psr_stage']}): {shown}"
+                     + (f", the rest {_gib(rest)}" if rest else ""))
     lines.append(f"traffic per rank per step (sent / received, {_UNIT[1]}; balanced load):")
     for kind, moved in sorted(result["traffic_bytes_per_step"].items()):
         lines.append(f"  {kind:<20}{_gib(moved['sent']):>9} / {_gib(moved['received'])}")
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides before, between or after the options
     try:
         if args.json:
             _check_json_path(args.json, args.overrides, args.overwrite)

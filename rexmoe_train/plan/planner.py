@@ -171,6 +171,7 @@ def summarize(cfg: ExperimentConfig, world_size: int, options: PlanOptions, case
     """The JSON object (cli/plan.py prints it as a table)."""
     per_rank = [{"ranks": c.ranks, "load": c.load.kind, "psr_stage": c.psr_stage,
                  "peak_bytes": c.trace.peak_bytes, "by_category": c.trace.by_category,
+                 "activations_by_module": c.trace.activations_by_module,
                  "traffic": c.trace.traffic_by_kind(), "simulated_rank": c.ranks[0],
                  "wall_s": c.trace.meta.get("wall_s")} for c in cases]
     peak = max(c.trace.peak_bytes for c in cases)

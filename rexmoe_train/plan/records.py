@@ -44,6 +44,8 @@ class RankTrace:
     collectives: list[CollectiveRecord] = field(default_factory=list)
     peak_bytes: int = 0
     by_category: dict[str, int] = field(default_factory=dict)
+    # the activations at the peak by the module that allocated them (simulate.module_label), largest first
+    activations_by_module: dict[str, int] = field(default_factory=dict)
     # how it was simulated: micro-batches (step / simulated), wall seconds, stand-in host reads
     meta: dict = field(default_factory=dict)
 
@@ -62,7 +64,8 @@ class RankTrace:
     def summary(self) -> dict:
         """JSON-ready summary (no per-op list)."""
         return {"ranks": list(self.ranks), "peak_bytes": int(self.peak_bytes),
-                "by_category": dict(self.by_category), "traffic": self.traffic_by_kind(),
+                "by_category": dict(self.by_category), "activations_by_module": dict(self.activations_by_module),
+                "traffic": self.traffic_by_kind(),
                 "flops": self.total_flops(), **({"meta": dict(self.meta)} if self.meta else {})}
 
 

@@ -10,6 +10,7 @@ collectives.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from rexmoe_train.compat import reset_megatron_global_state
@@ -93,6 +94,36 @@ class PlanMemTracker(MemTracker):
             self.memory_tracking.pop(module, None)
             super()._pre_fw_hook(module, inputs)
 
+    def __init__(self) -> None:
+        super().__init__()
+        # activation bytes alive now, by the module that allocated them (module_label), and a copy
+        # taken at the step's peak: "where the activations go", which MemTracker's categories lack
+        self.activations_by_module: dict[str, int] = {}
+        self.peak_activations_by_module: dict[str, int] = {}
+        self._owner: dict[int, str] = {}  # id(winfo) -> label, while the storage is alive
+
+    def _attribute(self, winfo, delta: int, label: Optional[str] = None) -> None:
+        key = id(winfo)
+        owner = self._owner.get(key) or label or module_label(self._mod_tracker.parents)
+        self._owner[key] = owner
+        self.activations_by_module[owner] = self.activations_by_module.get(owner, 0) + delta
+
+    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
+        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+        act = _MemRefType.ACT
+        if u_type == _UpdateType.ADD and winfo.reftype == act:
+            self._attribute(winfo, winfo.mem_consumed)
+        elif u_type == _UpdateType.DEL and winfo.reftype == act:
+            self._attribute(winfo, -winfo.mem_consumed)
+            self._owner.pop(id(winfo), None)
+        elif u_type == _UpdateType.REF:
+            if old_reftype == act:
+                self._attribute(winfo, -winfo.mem_consumed)
+            if winfo.reftype == act:
+                self._attribute(winfo, winfo.mem_consumed)
+        elif u_type == _UpdateType.SIZE and winfo.reftype == act:
+            self._attribute(winfo, winfo.mem_consumed - old_mem_consumed)
+
     def _update_peak_stats(self, peak_state) -> None:
         # only the step's peak (per device): MemTracker's per-module peaks copy a snapshot for every
         # active module on every op, most of a simulated step's time; module states are kept by the
@@ -101,6 +132,28 @@ class PlanMemTracker(MemTracker):
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
+                self.peak_activations_by_module = {k: v for k, v in self.activations_by_module.items() if v}
+
+
+def module_label(parents) -> str:
+    """The innermost active module, without indices (of layers, banks, local experts) and without
+    the wrappers above it: ``DistributedDataParallel.module.module.decoder.layers.3.mlp.router`` ->
+    ``layer.mlp.router``; an expert bank -> ``expert_banks[...]``; elsewhere the last two names. One
+    row per kind of module, summed over layers. An expert bank is registered on the model, not in
+    the layer that calls it, so inside it two chains of modules are active (the layer's and the
+    bank's): the bank's is the inner call."""
+    leaves = [n for n in parents if not any(o != n and o.startswith(n + ".") for o in parents)]
+    banks = [n for n in leaves if ".expert_banks" in n or n.startswith("expert_banks")]
+    name = max(banks or leaves, key=lambda n: (n.count("."), len(n)))
+    if name == "Global":
+        return "outside any module"
+    name = re.sub(r"\.\d+(?=\.|$)", "", name)
+    if "expert_banks" in name:
+        return "expert_banks" + name.split("expert_banks", 1)[1]
+    _, inside_layer, tail = name.partition(".layers.")
+    if inside_layer:
+        return f"layer.{tail}"
+    return ".".join(name.split(".")[-2:])
 
 
 def _tag(tracker: MemTracker, tensor: Optional[torch.Tensor], reftype) -> None:
@@ -249,7 +302,9 @@ def _simulate(cfg: ExperimentConfig, world_size: int, settings: SimSettings) -> 
             optimizer.step()
             host_reads.allowed = False
         peak = tracker.get_tracker_snapshot("peak")
-    return _trace(peak, recorder, total_mb, sim_mb, host_reads)
+    trace = _trace(peak, recorder, total_mb, sim_mb, host_reads)
+    trace.activations_by_module = dict(sorted(tracker.peak_activations_by_module.items(), key=lambda kv: -kv[1]))
+    return trace
 
 
 def _trace(peak: dict, recorder: StepRecorder, total_mb: int, sim_mb: int, host_reads: HostReads) -> RankTrace:

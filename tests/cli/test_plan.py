@@ -35,15 +35,23 @@ def test_json_into_a_directory_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_plan_json_has_every_key(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    code = plan_cli.main(["train.global_batch_size=4", "--gpu", "cpu", "--no-suggest", "--json", str(out)])
+    # overrides may come before, between and after the options (as rexmoe-train takes them)
+    code = plan_cli.main(["train.global_batch_size=4", "--gpu", "cpu", "train.seq_length=256", "--no-suggest",
+                          "--json", str(out), "model.num_layers=4"])
     assert code == 0
     result = json.loads(out.read_text())
     assert REQUIRED_KEYS <= set(result)
     assert result["verdict"] == "fits" and result["suggestion"] is None and result["world_size"] == 1
-    assert {"ranks", "peak_bytes", "by_category"} <= set(result["per_rank"][0])
+    assert "train.seq_length=256" in result["overrides"] and "model.num_layers=4" in result["overrides"]
+    row = result["per_rank"][0]
+    assert {"ranks", "peak_bytes", "by_category", "activations_by_module"} <= set(row)
+    # where the activations go: every byte of the category attributed to a module, the banks among them
+    assert sum(row["activations_by_module"].values()) == row["by_category"]["activations"]
+    assert row["activations_by_module"].get("expert_banks.banks", 0) > 0
+    assert any(name.startswith("layer.self_attention") for name in row["activations_by_module"])
     assert result["peak_bytes"] == max(r["peak_bytes"] for r in result["per_rank"])
     printed = capsys.readouterr().out
-    assert "verdict: fits" in printed and "memory (MiB" in printed
+    assert "verdict: fits" in printed and "memory (MiB" in printed and "activations at the peak by module" in printed
 
 
 def test_json_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys):

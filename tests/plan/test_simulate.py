@@ -65,3 +65,16 @@ def test_dedup_dispatcher_sends_fewer_bytes_than_alltoall():
     assert dedup["expert_all_to_all"]["sent"] < 0.8 * stock["expert_all_to_all"]["sent"]
     assert dedup["dp_all_reduce"] == stock["dp_all_reduce"]
     assert traces["rexmoe_dedup"].by_category["parameters"] == traces["alltoall"].by_category["parameters"]
+
+
+def test_module_label_names_the_innermost_module_without_indices():
+    from rexmoe_train.plan.simulate import module_label
+
+    top = "DistributedDataParallel.module.module"
+    layer = [f"{top}.decoder", f"{top}.decoder.layers.3", f"{top}.decoder.layers.3.mlp"]
+    assert module_label({"Global", top, *layer, f"{top}.decoder.layers.3.mlp.router"}) == "layer.mlp.router"
+    # an expert bank is registered on the model, not in the layer that calls it: the inner call wins
+    bank = [f"{top}.expert_banks", f"{top}.expert_banks.1", f"{top}.expert_banks.1.local_experts.7"]
+    assert module_label({"Global", top, *layer, *bank}) == "expert_banks.local_experts"
+    assert module_label({"Global", top, f"{top}.output_layer"}) == "module.output_layer"
+    assert module_label({"Global"}) == "outside any module"
