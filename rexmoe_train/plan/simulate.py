@@ -153,6 +153,8 @@ def module_label(parents) -> str:
     _, inside_layer, tail = name.partition(".layers.")
     if inside_layer:
         return f"layer.{tail}"
+    if name.rsplit(".", 1)[-1] == "module":  # the model itself under its wrappers (DDP, Float16Module)
+        return "model (top level)"
     return ".".join(name.split(".")[-2:])
 
 

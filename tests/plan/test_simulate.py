@@ -78,3 +78,4 @@ def test_module_label_names_the_innermost_module_without_indices():
     assert module_label({"Global", top, *layer, *bank}) == "expert_banks.local_experts"
     assert module_label({"Global", top, f"{top}.output_layer"}) == "module.output_layer"
     assert module_label({"Global"}) == "outside any module"
+    assert module_label({"Global", top}).startswith("model (top level")
