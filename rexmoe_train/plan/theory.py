@@ -155,14 +155,20 @@ def local_attention_lower_bound(cfg: ExperimentConfig, world_size: int) -> dict:
 
 def local_attention_warning(cfg: ExperimentConfig, world_size: int, device_bytes: int,
                             overrides: str = "<your overrides>") -> Optional[str]:
-    """One line when the lower bound alone exceeds the device's memory, else None."""
+    """One line when the lower bound alone exceeds what the device's memory leaves a job's tensors
+    (the planner's usable memory: capacity less the CUDA context, less the allocator's slack), else
+    None."""
+    from rexmoe_train.plan.hardware import RESERVE
+
     bound = local_attention_lower_bound(cfg, world_size)
-    if bound["bytes"] <= device_bytes:
+    usable = int((device_bytes - RESERVE.context_bytes) * (1.0 - RESERVE.fragmentation_fraction))
+    if bound["bytes"] <= usable:
         return None
     gib = 1024 ** 3
     return (f"[memory] warning: no Transformer Engine here, so megatron's local attention keeps every layer's "
             f"[micro-batch, heads, seq, seq] scores for backward: at least {bound['scores_bytes'] / gib:.1f} GiB "
             f"of them plus {bound['weights_bytes'] / gib:.1f} GiB of weights, gradients and optimizer state "
-            f"per rank, over this GPU's {device_bytes / gib:.1f} GiB, so the first step will run out of "
+            f"per rank, over the {usable / gib:.1f} GiB a job can use of this GPU's {device_bytes / gib:.1f} GiB, "
+            f"so the first step will run out of "
             f"memory; `rexmoe-plan {overrides} --spec local` finds the smallest change that fits "
             f"(docs/planning.md), or install Transformer Engine (docker/)")
