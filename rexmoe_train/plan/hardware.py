@@ -117,4 +117,9 @@ def usable_memory_bytes(gpu: GPUSpec, reserve: MemoryReserve = RESERVE) -> int:
     reserve, less the allocator's fragmentation share of the rest."""
     if gpu.name == "cpu":  # no CUDA context, no caching allocator: the stated budget is all usable
         return gpu.memory_bytes
-    return int((gpu.memory_bytes - reserve.context_bytes) * (1.0 - reserve.fragmentation_fraction))
+    return usable_of_capacity(gpu.memory_bytes, reserve)
+
+
+def usable_of_capacity(capacity_bytes: int, reserve: MemoryReserve = RESERVE) -> int:
+    """The same for a GPU known only by its capacity (what CUDA reports at start-up)."""
+    return int((capacity_bytes - reserve.context_bytes) * (1.0 - reserve.fragmentation_fraction))

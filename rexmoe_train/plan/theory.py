@@ -158,10 +158,10 @@ def local_attention_warning(cfg: ExperimentConfig, world_size: int, device_bytes
     """One line when the lower bound alone exceeds what the device's memory leaves a job's tensors
     (the planner's usable memory: capacity less the CUDA context, less the allocator's slack), else
     None."""
-    from rexmoe_train.plan.hardware import RESERVE
+    from rexmoe_train.plan.hardware import usable_of_capacity
 
     bound = local_attention_lower_bound(cfg, world_size)
-    usable = int((device_bytes - RESERVE.context_bytes) * (1.0 - RESERVE.fragmentation_fraction))
+    usable = usable_of_capacity(device_bytes)
     if bound["bytes"] <= usable:
         return None
     gib = 1024 ** 3
