@@ -148,21 +148,29 @@ def locked(path: Path, *, wait: bool = True):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def record_slice(out: Path, name: str, fields: dict, result: dict, seeds: list[int], steps: int) -> dict:
-    """Add one slice to progress.json and manifest.json: re-read under the lock, so an invocation
-    running beside this one on other seeds keeps its own entries."""
+def update_progress(out: Path, seeds: list[int], steps: int, change=lambda progress: None) -> dict:
+    """Re-read progress.json under the lock, merge this invocation's seeds, apply CHANGE, write it and
+    manifest.json back: an invocation running beside this one on other seeds keeps its entries."""
     with locked(out / "locks" / "progress.lock"):
         progress = load_progress(out)
         all_seeds = sorted(set(progress.get("seeds", [])) | set(seeds))
         progress.update(steps=steps, seeds=all_seeds)
+        change(progress)
+        save_progress(out, progress)
+        write_manifest(out, all_seeds, steps)
+        return progress
+
+
+def record_slice(out: Path, name: str, fields: dict, result: dict, seeds: list[int], steps: int) -> dict:
+    """Add one slice to progress.json and manifest.json (update_progress)."""
+    def add(progress: dict) -> None:
         entry = progress["runs"].setdefault(name, {**fields, "cpu_s": 0.0, "wall_s": 0.0, "slices": 0})
         entry.update(step=fields["step"], target=steps, last_exit=result["exit"], finished=fields["finished"])
         entry["cpu_s"] = round(entry["cpu_s"] + result["cpu_s"], 1)
         entry["wall_s"] = round(entry["wall_s"] + result["wall_s"], 1)
         entry["slices"] += 1
-        save_progress(out, progress)
-        write_manifest(out, all_seeds, steps)
-        return progress
+
+    return update_progress(out, seeds, steps, add)
 
 
 def write_manifest(out: Path, seeds: list[int], steps: int) -> Path:
@@ -259,12 +267,8 @@ def train_all(args) -> int:
         data = corpus.ensure(args.data or args.out / "data", REPO / ".venv" / "lib" / "python3.11" / "site-packages")
     except (FileNotFoundError, RuntimeError) as err:
         raise RecipeError(str(err)) from None
-    with locked(args.out / "locks" / "progress.lock"):
-        progress = load_progress(args.out)
-        all_seeds = sorted(set(progress.get("seeds", [])) | set(args.seeds))
-        progress.update({"steps": args.steps, "seeds": all_seeds, "corpus_sha256": data["corpus_sha256"]})
-        save_progress(args.out, progress)
-        write_manifest(args.out, all_seeds, args.steps)
+    update_progress(args.out, args.seeds, args.steps,
+                    lambda progress: progress.update(corpus_sha256=data["corpus_sha256"]))
     stop = Stop()
     end = time.monotonic() + deadline_from(args)
     todo = [(s, seed) for seed in args.seeds for s in SETTINGS if not args.only or s.name in args.only
